@@ -1,1 +1,17 @@
+//! Strait's control plane: a Raft-replicated store of Services, Pods, Nodes
+//! and EndpointSlices whose state machine validates, allocates and derives
+//! endpoints deterministically, served and streamed over gRPC.
+#![forbid(unsafe_code)]
 
+pub mod alloc;
+pub mod log_store;
+pub mod endpoints;
+pub mod field;
+pub mod objects;
+pub mod service;
+pub mod state;
+pub mod watch;
+pub mod raft;
+pub mod raft_net;
+pub mod api;
+pub mod app;

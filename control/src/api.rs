@@ -1,0 +1,348 @@
+//! The client-facing gRPC services: resource CRUD and watch (`Resources`)
+//! and cluster administration (`Cluster`). Writes become Raft commands; a
+//! follower forwards them to the leader. `ApiError`s become `tonic::Status`
+//! here and nowhere else.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+use strait_proto::Kind;
+use strait_proto::v1::{
+    AddMemberRequest, ApplyRequest, ApplyResponse, ClusterStatusRequest, ClusterStatusResponse,
+    Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest, ListResponse,
+    MemberStatus, MembershipResponse, Object, RemoveMemberRequest, WatchRequest, WatchResponse,
+    cluster_server, resources_server,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use crate::raft::{Raft, Response as RaftResponse};
+use crate::raft_net;
+use crate::state::{ApiError, Command, Outcome, now_unix_nanos, plural};
+use crate::watch::{self, Shared, WatchError};
+
+/// Converts an `ApiError` to the gRPC status a client sees.
+pub fn status(e: ApiError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ApiError::Invalid { .. } | ApiError::BadRequest(_) => Status::invalid_argument(msg),
+        ApiError::TooLarge { .. } => Status::out_of_range(msg),
+        ApiError::Conflict { .. } => Status::aborted(msg),
+        ApiError::NotFound { .. } => Status::not_found(msg),
+        ApiError::Forbidden { .. } => Status::permission_denied(msg),
+    }
+}
+
+/// The write path shared by the API and the Raft forwarding endpoint.
+#[derive(Clone)]
+pub struct Writer {
+    raft: Arc<Raft>,
+    shared: Shared,
+}
+
+impl Writer {
+    pub fn new(raft: Arc<Raft>, shared: Shared) -> Self {
+        Self { raft, shared }
+    }
+
+    /// Proposes `cmd` through this replica's Raft (must be the leader).
+    pub async fn write_local(&self, cmd: Command) -> Result<RaftResponse, Status> {
+        // A dry run against the current state refuses most bad writes
+        // without spending a log entry; the state machine checks again.
+        if let Err(e) = watch::read(&self.shared).state().check(&cmd) {
+            return Ok(RaftResponse(Err(e)));
+        }
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Status::unavailable(format!(
+                "not the leader (leader: {})",
+                f.leader_node.map(|n| n.addr).unwrap_or_else(|| "unknown".into())
+            ))),
+            Err(e) => Err(Status::unavailable(format!("write failed: {e}"))),
+        }
+    }
+
+    /// Proposes `cmd`, forwarding to the leader when this replica is not it.
+    pub async fn write(&self, cmd: Command) -> Result<Outcome, Status> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = self.raft.metrics().borrow_watched().clone();
+            let resp = match metrics.current_leader {
+                Some(leader) if leader == metrics.id => self.write_local(cmd.clone()).await,
+                Some(leader) => {
+                    let addr = metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&leader)
+                        .map(|n| n.addr.clone());
+                    match addr {
+                        Some(addr) => raft_net::forward_write(&addr, &cmd)
+                            .await
+                            .map_err(|e| Status::unavailable(e.to_string())),
+                        None => Err(Status::unavailable("leader address unknown")),
+                    }
+                }
+                None => Err(Status::unavailable("no leader elected yet")),
+            };
+            match resp {
+                Ok(r) => return r.0.map_err(status),
+                // No leader or a leader change: wait for the next one. Only
+                // errors before the entry was appended reach here, so the
+                // retry cannot apply the write twice.
+                Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                    let mut rx = self.raft.metrics();
+                    let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+}
+
+/// `Resources` service.
+#[derive(Clone)]
+pub struct ResourcesApi {
+    writer: Writer,
+    raft: Arc<Raft>,
+    shared: Shared,
+}
+
+impl ResourcesApi {
+    pub fn new(writer: Writer, raft: Arc<Raft>, shared: Shared) -> Self {
+        Self { writer, raft, shared }
+    }
+
+    /// Waits until this replica has applied everything committed before the
+    /// call (read index through the leader), unless serializable is asked.
+    async fn read_barrier(&self, consistency: i32) -> Result<(), Status> {
+        if consistency == Consistency::Serializable as i32 {
+            return Ok(());
+        }
+        self.raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map(|_| ())
+            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))
+    }
+}
+
+fn parse_kind(k: &str) -> Result<Kind, Status> {
+    k.parse().map_err(|e: strait_proto::UnknownKind| Status::invalid_argument(e.to_string()))
+}
+
+fn decode(bytes: &[u8]) -> Result<Object, Status> {
+    Object::decode(bytes).map_err(|e| Status::internal(format!("stored object undecodable: {e}")))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl resources_server::Resources for ResourcesApi {
+    async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let object = req.into_inner().object.ok_or_else(|| Status::invalid_argument("object is required"))?;
+        let cmd = Command::Apply { object: object.encode_to_vec(), now_unix_nanos: now_unix_nanos() };
+        let out = self.writer.write(cmd).await?;
+        Ok(Response::new(ApplyResponse {
+            object: Some(decode(&out.object)?),
+            result: out.result,
+            revision: out.revision,
+        }))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        self.read_barrier(req.consistency).await?;
+        let ns = if kind.namespaced() && req.namespace.is_empty() { "default" } else { req.namespace.as_str() };
+        let ns = if kind.namespaced() { ns } else { "" };
+        let store = watch::read(&self.shared);
+        let object = store.state().get(kind, ns, &req.name).cloned().ok_or_else(|| {
+            status(ApiError::NotFound { resource: plural(kind).into(), name: req.name.clone() })
+        })?;
+        Ok(Response::new(GetResponse { object: Some(object), revision: store.state().revision() }))
+    }
+
+    async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let req = req.into_inner();
+        let kind = if req.kind.is_empty() { None } else { Some(parse_kind(&req.kind)?) };
+        self.read_barrier(req.consistency).await?;
+        let store = watch::read(&self.shared);
+        let items = store.state().list(kind, &req.namespace).cloned().collect();
+        Ok(Response::new(ListResponse { items, revision: store.state().revision() }))
+    }
+
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let req = req.into_inner();
+        parse_kind(&req.kind)?;
+        let cmd = Command::Delete {
+            kind: req.kind,
+            namespace: req.namespace,
+            name: req.name,
+            resource_version: req.resource_version,
+            now_unix_nanos: now_unix_nanos(),
+        };
+        let out = self.writer.write(cmd).await?;
+        Ok(Response::new(DeleteResponse { object: Some(decode(&out.object)?), revision: out.revision }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let req = req.into_inner();
+        let kinds = req.kinds.iter().map(|k| parse_kind(k)).collect::<Result<Vec<_>, _>>()?;
+        let start = watch::read(&self.shared).subscribe(req.revision).map_err(|e| match e {
+            WatchError::Compacted { .. } => Status::failed_precondition(e.to_string()),
+        })?;
+        let shared = self.shared.clone();
+        let stream = async_stream(start, kinds, shared);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Initial state or backlog, then live revisions; periodic progress
+/// responses (no events) tell an idle watcher how far it is current.
+fn async_stream(
+    start: watch::Start,
+    kinds: Vec<Kind>,
+    shared: Shared,
+) -> impl Stream<Item = Result<WatchResponse, Status>> + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchResponse, Status>>(64);
+    tokio::spawn(async move {
+        let watch::Start { initial, backlog, mut live } = start;
+        let mut last = 0;
+        for resp in initial.into_iter().chain(backlog) {
+            last = resp.revision;
+            if let Some(r) = watch::filter(&resp, &kinds) {
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let mut progress = tokio::time::interval(Duration::from_secs(5));
+        progress.tick().await;
+        loop {
+            tokio::select! {
+                msg = live.recv() => match msg {
+                    Ok(resp) => {
+                        if resp.revision <= last && !resp.initial {
+                            continue;
+                        }
+                        last = resp.revision;
+                        if let Some(r) = watch::filter(&resp, &kinds) {
+                            if tx.send(Ok(r)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "watcher fell {n} revisions behind; resume from revision {last}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = progress.tick() => {
+                    let current = watch::read(&shared).state().revision();
+                    if current > last {
+                        // Revisions with nothing of interest: say so.
+                        last = current;
+                    }
+                    let bookmark = WatchResponse { revision: last, ..Default::default() };
+                    if tx.send(Ok(bookmark)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// `Cluster` service.
+#[derive(Clone)]
+pub struct ClusterApi {
+    raft: Arc<Raft>,
+    shared: Shared,
+}
+
+impl ClusterApi {
+    pub fn new(raft: Arc<Raft>, shared: Shared) -> Self {
+        Self { raft, shared }
+    }
+}
+
+fn membership_status(e: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(format!("membership change failed: {e}"))
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for ClusterApi {
+    async fn status(&self, _req: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let mut members = BTreeMap::new();
+        for (id, node) in membership.nodes() {
+            let is_self = *id == m.id;
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id).cloned().flatten())
+                .map(|l| l.index);
+            members.insert(*id, MemberStatus {
+                id: *id,
+                address: node.addr.clone(),
+                role: if Some(*id) == m.current_leader {
+                    "leader".into()
+                } else if voters.contains(id) {
+                    "follower".into()
+                } else {
+                    "learner".into()
+                },
+                term: if is_self { m.current_term } else { 0 },
+                last_log_index: if is_self { m.last_log_index.unwrap_or(0) } else { matched.unwrap_or(0) },
+                applied_index: if is_self { m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) } else { 0 },
+                voter: voters.contains(id),
+                reachable: is_self || matched.is_some(),
+            });
+        }
+        Ok(Response::new(ClusterStatusResponse {
+            leader_id: m.current_leader.unwrap_or(0),
+            members: members.into_values().collect(),
+            revision: watch::read(&self.shared).state().revision(),
+        }))
+    }
+
+    async fn add_member(&self, req: Request<AddMemberRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let req = req.into_inner();
+        let node = openraft::BasicNode { addr: req.address.clone() };
+        self.raft.add_learner(req.id, node, true).await.map_err(membership_status)?;
+        let mut voters: std::collections::BTreeSet<u64> =
+            self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        voters.insert(req.id);
+        let resp = self.raft.change_membership(voters.clone(), false).await.map_err(membership_status)?;
+        let _ = resp;
+        Ok(Response::new(MembershipResponse { voters: voters.into_iter().collect() }))
+    }
+
+    async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let id = req.into_inner().id;
+        let mut voters: std::collections::BTreeSet<u64> =
+            self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        if !voters.remove(&id) {
+            return Err(Status::not_found(format!("member {id} is not a voter")));
+        }
+        self.raft.change_membership(voters.clone(), false).await.map_err(membership_status)?;
+        Ok(Response::new(MembershipResponse { voters: voters.into_iter().collect() }))
+    }
+}

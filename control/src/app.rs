@@ -1,0 +1,227 @@
+//! Wiring of one control-plane replica: storage, state machine, Raft, and
+//! the gRPC server, from a parsed `Config`. `build` returns the bound
+//! address and handles so tests and `strait dev` can start it on port 0.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use openraft::async_runtime::WatchReceiver;
+use strait_proto::v1::{cluster_server::ClusterServer, raft_server::RaftServer, resources_server::ResourcesServer};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::alloc::{IpRange, LbPool, PortRange};
+use crate::api::{ClusterApi, ResourcesApi, Writer};
+use crate::log_store::LogStore;
+use crate::raft::{Raft, StateMachine, TypeConfig};
+use crate::raft_net::{Network, RaftService};
+use crate::service::Allocators;
+use crate::state::State;
+use crate::watch::{Shared, Store};
+
+/// Largest gRPC message (a full-state watch response or list).
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Everything a replica is started with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// The address peers and clients reach this replica at (default: listen).
+    pub advertise: Option<String>,
+    /// Every voter of a new cluster, this one included; empty: just this one.
+    pub peers: BTreeMap<u64, String>,
+    pub service_cidr: IpNet,
+    pub node_port_range: String,
+    pub lb_pool: String,
+    pub watch_history: usize,
+    /// Log entries between snapshots.
+    pub snapshot_every: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            data_dir: PathBuf::from("strait-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            advertise: None,
+            peers: BTreeMap::new(),
+            service_cidr: IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(10, 96, 0, 0), 12)),
+            node_port_range: "30000-32767".into(),
+            lb_pool: String::new(),
+            watch_history: 10_000,
+            snapshot_every: 10_000,
+            heartbeat_ms: 50,
+            election_timeout_ms: (150, 300),
+        }
+    }
+}
+
+/// Errors starting a replica.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A range flag is wrong.
+    #[error("invalid {flag}: {source}")]
+    Range { flag: &'static str, source: crate::alloc::AllocError },
+    /// The data directory cannot be used.
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    /// The log store cannot be opened.
+    #[error("opening the raft log in {path}: {source}")]
+    LogStore { path: PathBuf, source: crate::log_store::LogStoreError },
+    /// Raft refused the configuration or failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The listen address cannot be bound.
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// `--peers` does not include this replica.
+    #[error("--peers must include this replica's id {0}")]
+    PeersWithoutSelf(u64),
+}
+
+/// A running replica.
+pub struct Bound {
+    pub addr: SocketAddr,
+    pub raft: Arc<Raft>,
+    pub shared: Shared,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Bound {
+    /// Stops serving and shuts Raft down.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.server).await;
+        let _ = self.raft.shutdown().await;
+    }
+
+    /// Resolves when the server stops on its own (an error).
+    pub async fn wait(&mut self) -> Result<(), String> {
+        match (&mut self.server).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// The allocators a config describes.
+pub fn allocators(cfg: &Config) -> Result<Allocators, StartError> {
+    Ok(Allocators {
+        cluster_ips: IpRange::new(cfg.service_cidr),
+        node_ports: cfg
+            .node_port_range
+            .parse::<PortRange>()
+            .map_err(|source| StartError::Range { flag: "--node-port-range", source })?,
+        lb_ips: cfg
+            .lb_pool
+            .parse::<LbPool>()
+            .map_err(|source| StartError::Range { flag: "--lb-pool", source })?,
+    })
+}
+
+/// Starts a replica: storage, Raft, gRPC server; bootstraps a new cluster
+/// once (the lowest id among `peers` does it; a second call is a no-op).
+pub async fn build(cfg: Config) -> Result<Bound, StartError> {
+    let alloc = allocators(&cfg)?;
+    let dir = |e| StartError::DataDir { path: cfg.data_dir.clone(), source: e };
+    std::fs::create_dir_all(&cfg.data_dir).map_err(dir)?;
+    let log_path = cfg.data_dir.join("raft-log.redb");
+    let log = LogStore::<TypeConfig>::open(&log_path)
+        .map_err(|source| StartError::LogStore { path: log_path.clone(), source })?;
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+
+    let shared: Shared = Arc::new(RwLock::new(Store::new(State::new(alloc.clone()), cfg.watch_history)));
+    let sm = StateMachine::open(&cfg.data_dir.join("snapshots"), alloc, shared.clone()).map_err(dir)?;
+
+    let raft_config = openraft::Config {
+        cluster_name: "strait".into(),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_timeout_ms.0,
+        election_timeout_max: cfg.election_timeout_ms.1,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    let raft_config = Arc::new(raft_config.validate().map_err(|e| StartError::Raft(e.to_string()))?);
+    let raft = Arc::new(
+        Raft::new(cfg.id, raft_config, Network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?,
+    );
+
+    let writer = Writer::new(raft.clone(), shared.clone());
+    let resources = ResourcesServer::new(ResourcesApi::new(writer.clone(), raft.clone(), shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let cluster = ClusterServer::new(ClusterApi::new(raft.clone(), shared.clone()));
+    let raft_svc = RaftServer::new(RaftService::new(raft.clone(), writer))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (tx, rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(resources)
+            .add_service(cluster)
+            .add_service(raft_svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            }),
+    );
+
+    let mut peers = cfg.peers.clone();
+    if peers.is_empty() {
+        peers.insert(cfg.id, advertise.clone());
+    }
+    if !peers.contains_key(&cfg.id) {
+        return Err(StartError::PeersWithoutSelf(cfg.id));
+    }
+    let initialized = raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))?;
+    if !initialized && peers.keys().next() == Some(&cfg.id) {
+        let members: BTreeMap<u64, openraft::BasicNode> = peers
+            .iter()
+            .map(|(id, a)| (*id, openraft::BasicNode { addr: a.clone() }))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(id = cfg.id, voters = peers.len(), "cluster bootstrapped"),
+            Err(e) => tracing::info!(id = cfg.id, error = %e, "bootstrap skipped: already initialized"),
+        }
+    }
+    tracing::info!(id = cfg.id, %addr, advertise = %advertise, data_dir = %cfg.data_dir.display(), "control replica serving");
+    Ok(Bound { addr, raft, shared, shutdown: Some(tx), server })
+}
+
+/// Waits until some replica is leader (as this one sees it), up to `timeout`.
+pub async fn wait_for_leader(raft: &Raft, timeout: Duration) -> Option<u64> {
+    let mut rx = raft.metrics();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let leader = rx.borrow_watched().current_leader;
+        if leader.is_some() {
+            return leader;
+        }
+        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            return None;
+        }
+    }
+}

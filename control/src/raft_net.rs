@@ -1,0 +1,240 @@
+//! Raft transport between replicas over tonic: the client side openraft
+//! calls (`RaftNetworkFactory`/`RaftNetworkV2`, one lazily connected channel
+//! per peer) and the `Raft` gRPC service that hands received messages to the
+//! local openraft. Payloads are openraft's own serde types as JSON.
+
+use std::future::Future;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use strait_proto::v1::RaftPayload;
+use strait_proto::v1::raft_client::RaftClient;
+use strait_proto::v1::raft_server;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::raft::{Raft, Snapshot, SnapshotMeta, TypeConfig};
+use crate::state::Command;
+
+type Vote = openraft::alias::VoteOf<TypeConfig>;
+
+/// Errors of the transport itself.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A peer address that is not a valid URI.
+    #[error("invalid peer address {addr:?}: {source}")]
+    Address { addr: String, source: tonic::transport::Error },
+    /// The RPC failed on the wire or at the peer.
+    #[error("rpc to {addr} failed: {status}")]
+    Rpc { addr: String, status: Status },
+    /// A payload that does not (de)serialize.
+    #[error("bad raft payload: {0}")]
+    Codec(#[from] serde_json::Error),
+}
+
+/// Builds a lazily connecting channel to a peer (`host:port` or URL).
+pub fn channel(addr: &str) -> Result<Channel, NetError> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let ep = Endpoint::from_shared(uri).map_err(|source| NetError::Address { addr: addr.into(), source })?;
+    Ok(ep
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<RaftPayload, serde_json::Error> {
+    Ok(RaftPayload { data: serde_json::to_vec(v)? })
+}
+
+fn decode<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(&p.data)
+}
+
+/// Creates one client per peer.
+#[derive(Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &openraft::BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            client: channel(&node.addr).ok().map(RaftClient::new),
+        }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerClient {
+    target: u64,
+    addr: String,
+    client: Option<RaftClient<Channel>>,
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftClient<Channel>, NetError> {
+        match &self.client {
+            Some(c) => Ok(c.clone()),
+            None => channel(&self.addr).map(RaftClient::new),
+        }
+    }
+
+    async fn call<Req, Resp, F, Fut>(&self, req: &Req, timeout: Duration, f: F) -> Result<Resp, NetError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, Request<RaftPayload>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftPayload>, Status>>,
+    {
+        let mut request = Request::new(encode(req)?);
+        request.set_timeout(timeout);
+        let resp = f(self.client()?, request).await.map_err(|status| NetError::Rpc {
+            addr: self.addr.clone(),
+            status,
+        })?;
+        Ok(decode(resp.get_ref())?)
+    }
+}
+
+fn rpc_error(e: NetError) -> RPCError<TypeConfig> {
+    match e {
+        NetError::Codec(_) => RPCError::Network(NetworkError::new(&e)),
+        _ => RPCError::Unreachable(Unreachable::new(&e)),
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await })
+            .await
+            .map_err(rpc_error)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, option.hard_ttl(), |mut c, r| async move { c.vote(r).await })
+            .await
+            .map_err(rpc_error)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let header = serde_json::to_vec(&(vote, snapshot.meta)).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let data = snapshot.snapshot.into_inner();
+        let mut buf = Vec::with_capacity(8 + header.len() + data.len());
+        buf.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(&data);
+        let mut client = self.client().map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let addr = self.addr.clone();
+        let send = async move {
+            client
+                .install_snapshot(RaftPayload { data: buf })
+                .await
+                .map_err(|status| NetError::Rpc { addr, status })
+        };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            resp = send => {
+                let resp = resp.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+                decode(resp.get_ref()).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerClient({}@{})", self.target, self.addr)
+    }
+}
+
+/// Sends a write to the leader on behalf of a follower.
+pub async fn forward_write(addr: &str, cmd: &Command) -> Result<crate::raft::Response, NetError> {
+    let mut client = RaftClient::new(channel(addr)?);
+    let resp = client
+        .forward_write(encode(cmd)?)
+        .await
+        .map_err(|status| NetError::Rpc { addr: addr.into(), status })?;
+    Ok(decode(resp.get_ref())?)
+}
+
+/// The receiving side: hands peers' messages to the local Raft.
+pub struct RaftService {
+    raft: Arc<Raft>,
+    writes: crate::api::Writer,
+}
+
+impl RaftService {
+    pub fn new(raft: Arc<Raft>, writes: crate::api::Writer) -> Self {
+        Self { raft, writes }
+    }
+}
+
+fn bad(e: serde_json::Error) -> Status {
+    Status::invalid_argument(format!("bad raft payload: {e}"))
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<tonic::Response<RaftPayload>, Status> {
+    encode(v).map(tonic::Response::new).map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref()).map_err(bad)?;
+        let resp = self.raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        reply(&resp)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref()).map_err(bad)?;
+        let resp = self.raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        reply(&resp)
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+        let data = req.into_inner().data;
+        let truncated = || Status::invalid_argument("snapshot payload is truncated");
+        let len = u64::from_le_bytes(data.get(..8).ok_or_else(truncated)?.try_into().map_err(|_| truncated())?) as usize;
+        let header = data.get(8..8 + len).ok_or_else(truncated)?;
+        let (vote, meta): (Vote, SnapshotMeta) = serde_json::from_slice(header).map_err(bad)?;
+        let snapshot = Snapshot { meta, snapshot: Cursor::new(data[8 + len..].to_vec()) };
+        let resp = self
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        reply(&resp)
+    }
+
+    async fn forward_write(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+        let cmd: Command = decode(req.get_ref()).map_err(bad)?;
+        let resp = self.writes.write_local(cmd).await?;
+        reply(&resp)
+    }
+}

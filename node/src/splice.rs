@@ -1,0 +1,1105 @@
+//! Zero-copy bidirectional TCP forwarding with Linux `splice(2)`.
+//!
+//! A proxied connection's bytes normally cross the user/kernel boundary
+//! twice: `read(2)` copies them from the client socket into a user buffer,
+//! and `write(2)` copies them again into the upstream socket. For a node agent
+//! whose main job is moving bytes, those copies dominate the forwarder's CPU
+//! time. `splice(2)` instead moves page references from one socket's receive
+//! queue into a pipe and from the pipe into the other socket's send queue, so
+//! the payload never reaches user space. In practice that roughly halves the
+//! forwarder's CPU per byte and keeps the user-space buffer footprint at zero.
+//!
+//! Every connection gets one pipe per direction (`pipe2` with `O_NONBLOCK |
+//! O_CLOEXEC`, grown with `F_SETPIPE_SZ` when the kernel lets us). All I/O is
+//! non-blocking and driven by tokio's readiness (`TcpStream::try_io` plus
+//! `readable()` / `writable()`), so a forwarded connection costs no thread.
+//!
+//! [`CopyMode::Buffered`] is the portable fallback built on
+//! [`tokio::io::copy_bidirectional_with_sizes`]. It is also used for a single
+//! connection whenever its pipes cannot be created (for example `EMFILE`), so
+//! running out of descriptors degrades throughput instead of dropping
+//! connections.
+//!
+//! Semantics shared by both modes:
+//! - half-close is propagated: when one side reaches end-of-stream, everything
+//!   already read is delivered, the other side gets `shutdown(SHUT_WR)`, and
+//!   the opposite direction keeps running until it ends too;
+//! - any error (`ECONNRESET`, `EPIPE`, ...) ends the whole connection: both
+//!   sockets are closed and the error says which side failed and how many
+//!   bytes had been delivered;
+//! - with an idle timeout, a connection on which no byte moved in either
+//!   direction for that long is closed on both sides.
+//!
+//! This is the only module of the crate that contains `unsafe` code: three
+//! thin wrappers around `pipe2`, `fcntl` and `splice`.
+//!
+//! Linux only. Splicing into a socket whose peer has gone raises `SIGPIPE`
+//! (the kernel offers no `MSG_NOSIGNAL` for `splice`), so the process must
+//! ignore `SIGPIPE`, which the Rust runtime does by default.
+
+#![allow(unsafe_code)]
+
+use std::fmt;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Pipe size requested per direction when splicing.
+///
+/// Unprivileged processes may be refused this size (`/proc/sys/fs/pipe-max-size`,
+/// `pipe-user-pages-soft`); the pipe then keeps whatever size the kernel gave
+/// it, which only costs throughput.
+pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
+
+/// Buffer size per direction for [`CopyMode::Buffered`].
+pub const BUFFERED_COPY_SIZE: usize = 64 * 1024;
+
+/// How bytes are moved between the two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// Zero-copy through a pipe per direction with `splice(2)`.
+    #[default]
+    Splice,
+    /// User-space copy through a 64 KiB buffer per direction.
+    Buffered,
+}
+
+/// Per-connection forwarding settings.
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    /// Close both sides when no byte moved in either direction for this long.
+    /// `None` means never.
+    pub idle_timeout: Option<Duration>,
+    /// Copy strategy.
+    pub mode: CopyMode,
+    /// Requested pipe size per direction for [`CopyMode::Splice`].
+    pub pipe_size: usize,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            idle_timeout: None,
+            mode: CopyMode::Splice,
+            pipe_size: DEFAULT_PIPE_SIZE,
+        }
+    }
+}
+
+/// Bytes delivered in each direction (written to the destination socket).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// Bytes read from the client and written to the upstream.
+    pub client_to_upstream: u64,
+    /// Bytes read from the upstream and written to the client.
+    pub upstream_to_client: u64,
+}
+
+impl fmt::Display for Transferred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} bytes client->upstream, {} bytes upstream->client",
+            self.client_to_upstream, self.upstream_to_client
+        )
+    }
+}
+
+/// One of the two sockets of a forwarded connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The accepted, downstream connection.
+    Client,
+    /// The connection to the backend.
+    Upstream,
+}
+
+impl Side {
+    fn other(self) -> Self {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Side::Client => 1,
+            Side::Upstream => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Side::Client),
+            2 => Some(Side::Upstream),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        })
+    }
+}
+
+/// Why a forwarded connection ended other than by both sides finishing.
+///
+/// In every case both sockets have been closed by the time this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No byte moved in either direction for `timeout`.
+    #[error("idle for {timeout:?}, closed both sides ({transferred})")]
+    IdleTimeout {
+        timeout: Duration,
+        transferred: Transferred,
+    },
+    /// The peer on `side` reset or aborted the connection
+    /// (`ECONNRESET`, `ECONNABORTED`, `EPIPE`).
+    #[error("{side} connection reset ({transferred})")]
+    Reset {
+        side: Side,
+        transferred: Transferred,
+        #[source]
+        source: io::Error,
+    },
+    /// Any other I/O error on `side`.
+    #[error("I/O error on {side} side ({transferred})")]
+    Io {
+        side: Side,
+        transferred: Transferred,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ForwardError {
+    /// Bytes delivered in each direction before the connection ended.
+    pub fn transferred(&self) -> Transferred {
+        match self {
+            ForwardError::IdleTimeout { transferred, .. }
+            | ForwardError::Reset { transferred, .. }
+            | ForwardError::Io { transferred, .. } => *transferred,
+        }
+    }
+
+    /// The side whose socket failed, if the error came from a socket.
+    pub fn side(&self) -> Option<Side> {
+        match self {
+            ForwardError::IdleTimeout { .. } => None,
+            ForwardError::Reset { side, .. } | ForwardError::Io { side, .. } => Some(*side),
+        }
+    }
+
+    /// Whether a peer reset or abandoned the connection, an ordinary way
+    /// for a proxied connection to end.
+    pub fn is_reset(&self) -> bool {
+        matches!(self, ForwardError::Reset { .. })
+    }
+
+    fn from_io(side: Side, source: io::Error, transferred: Transferred) -> Self {
+        match source.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => ForwardError::Reset {
+                side,
+                transferred,
+                source,
+            },
+            _ => ForwardError::Io {
+                side,
+                transferred,
+                source,
+            },
+        }
+    }
+}
+
+/// Sets `TCP_NODELAY` and configures TCP keepalive on `s`.
+///
+/// With `Some(idle)`, keepalive is enabled: the first probe goes out after
+/// `idle` without traffic (at least 1 s), further probes every `idle / 3`
+/// (at least 1 s), and the connection is declared dead after 3 unanswered
+/// probes. With `None`, keepalive is disabled.
+pub fn tune_stream(s: &TcpStream, keepalive: Option<Duration>) -> io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    sock.set_tcp_nodelay(true)?;
+    match keepalive {
+        Some(idle) => {
+            let min = Duration::from_secs(1);
+            let params = socket2::TcpKeepalive::new()
+                .with_time(idle.max(min))
+                .with_interval((idle / 3).max(min))
+                .with_retries(3);
+            sock.set_tcp_keepalive(&params)
+        }
+        None => sock.set_keepalive(false),
+    }
+}
+
+/// Forwards bytes between `client` and `upstream` in both directions until
+/// both directions reached end-of-stream, one side failed, or the connection
+/// sat idle for `opts.idle_timeout`. Both sockets are closed on return.
+pub async fn forward(
+    client: TcpStream,
+    upstream: TcpStream,
+    opts: &ForwardOptions,
+) -> Result<Transferred, ForwardError> {
+    let pipes = match opts.mode {
+        CopyMode::Splice => Some(Pipe::new(opts.pipe_size).and_then(|a| {
+            let b = Pipe::new(opts.pipe_size)?;
+            Ok([a, b])
+        })),
+        CopyMode::Buffered => None,
+    };
+    forward_with(client, upstream, opts, pipes).await
+}
+
+/// Connections that asked for splicing but were copied through buffers
+/// because their pipes could not be created.
+static SPLICE_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// How many connections fell back from [`CopyMode::Splice`] to buffered copying
+/// because their pipes could not be created, since the process started.
+pub fn splice_fallback_count() -> u64 {
+    SPLICE_FALLBACKS.load(Ordering::Relaxed)
+}
+
+fn note_fallback(err: &io::Error) {
+    SPLICE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+    if FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::debug!(error = %err, "cannot create splice pipes, using buffered copy");
+    } else {
+        tracing::warn!(
+            error = %err,
+            "cannot create splice pipes, using buffered copy for this connection \
+             (reported once; see splice_fallback_count)"
+        );
+    }
+}
+
+/// `pipes`: `None` for buffered mode, `Some(Err)` when splice pipes could not
+/// be created, `Some(Ok)` to splice.
+async fn forward_with(
+    client: TcpStream,
+    upstream: TcpStream,
+    opts: &ForwardOptions,
+    pipes: Option<io::Result<[Pipe; 2]>>,
+) -> Result<Transferred, ForwardError> {
+    let counters = Counters::default();
+    let activity = Activity::new();
+    let outcome = {
+        let transfer = async {
+            match pipes {
+                Some(Ok([to_upstream, to_client])) => {
+                    splice_both(
+                        &client,
+                        &upstream,
+                        &to_upstream,
+                        &to_client,
+                        &counters,
+                        &activity,
+                    )
+                    .await
+                }
+                Some(Err(err)) => {
+                    note_fallback(&err);
+                    let (mut c, mut u) = (client, upstream);
+                    copy_buffered(&mut c, &mut u, &counters, &activity).await
+                }
+                None => {
+                    let (mut c, mut u) = (client, upstream);
+                    copy_buffered(&mut c, &mut u, &counters, &activity).await
+                }
+            }
+        };
+        match opts.idle_timeout {
+            None => transfer.await.map_err(Ended::Failed),
+            Some(timeout) => {
+                tokio::select! {
+                    r = transfer => r.map_err(Ended::Failed),
+                    () = idle_watch(&activity, timeout) => Err(Ended::Idle(timeout)),
+                }
+            }
+        }
+    };
+    // `transfer` owned both streams and has been dropped by now: both sockets
+    // are closed, whatever the outcome.
+    let transferred = counters.snapshot();
+    match outcome {
+        Ok(()) => Ok(transferred),
+        Err(Ended::Idle(timeout)) => Err(ForwardError::IdleTimeout {
+            timeout,
+            transferred,
+        }),
+        Err(Ended::Failed((side, err))) => Err(ForwardError::from_io(side, err, transferred)),
+    }
+}
+
+enum Ended {
+    Idle(Duration),
+    Failed((Side, io::Error)),
+}
+
+#[derive(Default)]
+struct Counters {
+    client_to_upstream: AtomicU64,
+    upstream_to_client: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> Transferred {
+        Transferred {
+            client_to_upstream: self.client_to_upstream.load(Ordering::Relaxed),
+            upstream_to_client: self.upstream_to_client.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counter of bytes delivered *to* `dst`.
+    fn delivered_to(&self, dst: Side) -> &AtomicU64 {
+        match dst {
+            Side::Client => &self.upstream_to_client,
+            Side::Upstream => &self.client_to_upstream,
+        }
+    }
+}
+
+/// Time of the last byte movement, as nanoseconds since `base`.
+struct Activity {
+    base: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// Completes once nothing moved for `timeout`.
+async fn idle_watch(activity: &Activity, timeout: Duration) {
+    loop {
+        let deadline = activity.last() + timeout;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+type DirResult = Result<(), (Side, io::Error)>;
+
+async fn splice_both(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    to_upstream: &Pipe,
+    to_client: &Pipe,
+    counters: &Counters,
+    activity: &Activity,
+) -> DirResult {
+    // try_join: the first error drops the other direction; the caller then
+    // closes both sockets.
+    tokio::try_join!(
+        splice_half(
+            client,
+            upstream,
+            to_upstream,
+            Side::Client,
+            counters,
+            activity
+        ),
+        splice_half(
+            upstream,
+            client,
+            to_client,
+            Side::Upstream,
+            counters,
+            activity
+        ),
+    )
+    .map(|((), ())| ())
+}
+
+/// Moves `src` -> `pipe` -> `dst` until `src` reaches end-of-stream and the
+/// pipe is drained, then half-closes `dst`.
+async fn splice_half(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    src_side: Side,
+    counters: &Counters,
+    activity: &Activity,
+) -> DirResult {
+    let dst_side = src_side.other();
+    let delivered = counters.delivered_to(dst_side);
+    let cap = pipe.capacity;
+    // Bytes sitting in the pipe.
+    let mut in_pipe = 0usize;
+    let mut eof = false;
+    // A read into a non-empty pipe said EAGAIN. That may mean the pipe ran
+    // out of slots rather than the socket being empty, so readiness was not
+    // cleared; don't read (or wait for readability) until the pipe drained a
+    // little.
+    let mut read_stalled = false;
+
+    loop {
+        let mut progress = false;
+
+        if !eof && !read_stalled && in_pipe < cap {
+            let pipe_was_empty = in_pipe == 0;
+            let res = src.try_io(Interest::READABLE, || {
+                match splice(src.as_fd(), pipe.write.as_fd(), cap - in_pipe) {
+                    // With an empty pipe EAGAIN can only come from the socket:
+                    // let try_io clear its read readiness.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !pipe_was_empty => Ok(None),
+                    other => other.map(Some),
+                }
+            });
+            match res {
+                Ok(Some(0)) => {
+                    eof = true;
+                    progress = true;
+                }
+                Ok(Some(n)) => {
+                    in_pipe += n;
+                    progress = true;
+                    activity.touch();
+                }
+                Ok(None) => read_stalled = true,
+                Err(e) if is_retry(&e) => {}
+                Err(e) => return Err((src_side, e)),
+            }
+        }
+
+        if in_pipe > 0 {
+            // The pipe holds data, so EAGAIN here means the socket's send
+            // buffer is full and clearing its write readiness is correct.
+            let res = dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_fd(), dst.as_fd(), in_pipe)
+            });
+            match res {
+                Ok(0) => return Err((dst_side, io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    in_pipe = in_pipe.saturating_sub(n);
+                    delivered.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+                    read_stalled = false;
+                    progress = true;
+                    activity.touch();
+                }
+                Err(e) if is_retry(&e) => {}
+                Err(e) => return Err((dst_side, e)),
+            }
+        }
+
+        if eof && in_pipe == 0 {
+            return match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+                // The peer is already gone entirely; the other direction will
+                // find out on its own.
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err((dst_side, e)),
+                _ => Ok(()),
+            };
+        }
+
+        if progress {
+            // Yield now and then so a fast connection can't starve the worker.
+            tokio::task::consume_budget().await;
+            continue;
+        }
+
+        let want_read = !eof && !read_stalled && in_pipe < cap;
+        let want_write = in_pipe > 0;
+        tokio::select! {
+            biased;
+            r = dst.writable(), if want_write => r.map_err(|e| (dst_side, e))?,
+            r = src.readable(), if want_read => r.map_err(|e| (src_side, e))?,
+            else => {
+                return Err((src_side, io::Error::other("splice forwarder has nothing to wait for")));
+            }
+        }
+    }
+}
+
+fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// A pipe used as the in-kernel buffer of one direction.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes the pipe can hold.
+    capacity: usize,
+}
+
+impl Pipe {
+    /// Creates a non-blocking, close-on-exec pipe and tries to grow it to
+    /// `size` bytes, keeping the kernel's default size if that is refused.
+    fn new(size: usize) -> io::Result<Self> {
+        let mut fds: [libc::c_int; 2] = [-1, -1];
+        // SAFETY: `fds` is a writable array of two `c_int`s, exactly what
+        // pipe2(2) writes to; the flags are valid constants.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and nothing
+        // else owns them; each is wrapped exactly once and closed on drop.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+
+        let requested = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        let capacity = match fcntl_int(write.as_fd(), libc::F_SETPIPE_SZ, requested) {
+            Ok(granted) => granted,
+            // Refused (EPERM over pipe-max-size or the per-user limit, ...):
+            // keep whatever size the pipe has.
+            Err(_) => fcntl_int(write.as_fd(), libc::F_GETPIPE_SZ, 0)?,
+        };
+        let capacity = usize::try_from(capacity)
+            .ok()
+            .filter(|&c| c > 0)
+            .ok_or_else(|| io::Error::other("pipe reports no capacity"))?;
+        Ok(Self {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+/// `fcntl(fd, cmd, arg)` for commands taking and returning an `int`.
+fn fcntl_int(fd: BorrowedFd<'_>, cmd: libc::c_int, arg: libc::c_int) -> io::Result<libc::c_int> {
+    // SAFETY: `fd` is a live descriptor for the duration of the borrow, and
+    // the commands used here (F_SETPIPE_SZ, F_GETPIPE_SZ) take an int
+    // argument and touch no memory of ours.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, arg) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// One non-blocking `splice(2)` of up to `len` bytes; one of the two
+/// descriptors must be a pipe. `Ok(0)` means end-of-stream on `from`.
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: both descriptors stay open for the duration of the borrows;
+        // null offsets are required for pipes and sockets and mean "use the
+        // current position", so the kernel reads or writes no memory of ours.
+        let n = unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                to.as_raw_fd(),
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
+
+/// Buffered copy, with the same accounting and idle tracking as splicing.
+async fn copy_buffered(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    counters: &Counters,
+    activity: &Activity,
+) -> DirResult {
+    let failed = AtomicU8::new(0);
+    let mut c = Tracked {
+        io: client,
+        side: Side::Client,
+        delivered: counters.delivered_to(Side::Client),
+        activity,
+        failed: &failed,
+    };
+    let mut u = Tracked {
+        io: upstream,
+        side: Side::Upstream,
+        delivered: counters.delivered_to(Side::Upstream),
+        activity,
+        failed: &failed,
+    };
+    tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUFFERED_COPY_SIZE, BUFFERED_COPY_SIZE)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            // Every error comes out of one of the two wrappers, which
+            // recorded its side first.
+            let side = Side::from_code(failed.load(Ordering::Relaxed)).unwrap_or(Side::Client);
+            (side, e)
+        })
+}
+
+/// A stream that counts bytes written to it, marks activity, and remembers
+/// which side failed first.
+struct Tracked<'a> {
+    io: &'a mut TcpStream,
+    side: Side,
+    delivered: &'a AtomicU64,
+    activity: &'a Activity,
+    failed: &'a AtomicU8,
+}
+
+impl Tracked<'_> {
+    fn note<T>(&self, res: &Poll<io::Result<T>>) {
+        if let Poll::Ready(Err(_)) = res {
+            // Only the first failure matters; later ones are fallout.
+            let _ = self.failed.compare_exchange(
+                0,
+                self.side.code(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn wrote(&self, res: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n @ 1..)) = res {
+            self.delivered
+                .fetch_add(u64::try_from(*n).unwrap_or(u64::MAX), Ordering::Relaxed);
+            self.activity.touch();
+        }
+        self.note(res);
+    }
+}
+
+impl AsyncRead for Tracked<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut *this.io).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        this.note(&res);
+        res
+    }
+}
+
+impl AsyncWrite for Tracked<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut *this.io).poll_write(cx, buf);
+        this.wrote(&res);
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
+        this.wrote(&res);
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut *this.io).poll_flush(cx);
+        this.note(&res);
+        res
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut *this.io).poll_shutdown(cx);
+        this.note(&res);
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::task::JoinHandle;
+
+    const MIB: usize = 1 << 20;
+    const CHUNK: usize = 64 * 1024;
+    /// Upper bound for anything to happen; only reached when a test fails.
+    const DEADLINE: Duration = Duration::from_secs(120);
+
+    type Forwarder = JoinHandle<Result<Transferred, ForwardError>>;
+
+    /// client app <-> [proxy: forward()] <-> server app, all on loopback.
+    async fn proxied_pair(
+        opts: ForwardOptions,
+        pipes: Option<fn() -> io::Result<[Pipe; 2]>>,
+    ) -> (TcpStream, TcpStream, Forwarder) {
+        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
+        let back = TcpListener::bind("127.0.0.1:0").await.expect("bind back");
+        let client_app = TcpStream::connect(front.local_addr().expect("front addr"))
+            .await
+            .expect("connect front");
+        let (proxy_client, _) = front.accept().await.expect("accept front");
+        let proxy_upstream = TcpStream::connect(back.local_addr().expect("back addr"))
+            .await
+            .expect("connect back");
+        let (server_app, _) = back.accept().await.expect("accept back");
+        tune_stream(&proxy_client, Some(Duration::from_secs(30))).expect("tune client");
+        tune_stream(&proxy_upstream, Some(Duration::from_secs(30))).expect("tune upstream");
+        let handle = tokio::spawn(async move {
+            match pipes {
+                Some(make) => forward_with(proxy_client, proxy_upstream, &opts, Some(make())).await,
+                None => forward(proxy_client, proxy_upstream, &opts).await,
+            }
+        });
+        (client_app, server_app, handle)
+    }
+
+    async fn finish(handle: Forwarder) -> Result<Transferred, ForwardError> {
+        tokio::time::timeout(DEADLINE, handle)
+            .await
+            .expect("forward() did not finish in time")
+            .expect("forward() task panicked")
+    }
+
+    fn opts(mode: CopyMode) -> ForwardOptions {
+        ForwardOptions {
+            mode,
+            ..ForwardOptions::default()
+        }
+    }
+
+    /// xorshift64*: deterministic pseudo-random stream, cheap even unoptimized.
+    struct Prng(u64);
+
+    impl Prng {
+        fn fill(&mut self, out: &mut [u8]) {
+            for word in out.chunks_exact_mut(8) {
+                self.0 ^= self.0 >> 12;
+                self.0 ^= self.0 << 25;
+                self.0 ^= self.0 >> 27;
+                word.copy_from_slice(&self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+            }
+        }
+    }
+
+    async fn send_stream(mut w: OwnedWriteHalf, seed: u64, total: usize) -> io::Result<()> {
+        let mut rng = Prng(seed);
+        let mut chunk = vec![0u8; CHUNK];
+        for _ in 0..total / CHUNK {
+            rng.fill(&mut chunk);
+            w.write_all(&chunk).await?;
+        }
+        w.shutdown().await
+    }
+
+    async fn check_stream(mut r: OwnedReadHalf, seed: u64, total: usize) -> io::Result<()> {
+        let mut rng = Prng(seed);
+        let mut expected = vec![0u8; CHUNK];
+        let mut got = vec![0u8; CHUNK];
+        for i in 0..total / CHUNK {
+            rng.fill(&mut expected);
+            r.read_exact(&mut got).await?;
+            assert!(got == expected, "data mismatch in chunk {i}");
+        }
+        assert_eq!(
+            r.read(&mut got).await?,
+            0,
+            "expected EOF after {total} bytes"
+        );
+        Ok(())
+    }
+
+    async fn bulk_both_directions(
+        opts: ForwardOptions,
+        pipes: Option<fn() -> io::Result<[Pipe; 2]>>,
+        total: usize,
+    ) {
+        let (client_app, server_app, handle) = proxied_pair(opts, pipes).await;
+        let (cr, cw) = client_app.into_split();
+        let (sr, sw) = server_app.into_split();
+        let apps = async {
+            tokio::try_join!(
+                send_stream(cw, 1, total),
+                check_stream(sr, 1, total),
+                send_stream(sw, 2, total),
+                check_stream(cr, 2, total),
+            )
+        };
+        tokio::time::timeout(DEADLINE, apps)
+            .await
+            .expect("transfer did not finish in time")
+            .expect("transfer failed");
+        let total = u64::try_from(total).expect("size fits u64");
+        assert_eq!(
+            finish(handle).await.expect("forward() failed"),
+            Transferred {
+                client_to_upstream: total,
+                upstream_to_client: total,
+            }
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_mode_moves_64mib_each_way_intact() {
+        bulk_both_directions(opts(CopyMode::Splice), None, 64 * MIB).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffered_mode_moves_64mib_each_way_intact() {
+        bulk_both_directions(opts(CopyMode::Buffered), None, 64 * MIB).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_pipes_still_move_data_intact() {
+        // A one-page pipe exercises the pipe-full paths constantly.
+        let opts = ForwardOptions {
+            pipe_size: 4096,
+            ..opts(CopyMode::Splice)
+        };
+        bulk_both_directions(opts, None, 8 * MIB).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn falls_back_to_buffered_when_pipes_fail() {
+        let before = splice_fallback_count();
+        let emfile: fn() -> io::Result<[Pipe; 2]> =
+            || Err(io::Error::from_raw_os_error(libc::EMFILE));
+        bulk_both_directions(opts(CopyMode::Splice), Some(emfile), 4 * MIB).await;
+        assert!(splice_fallback_count() > before);
+    }
+
+    async fn half_close(mode: CopyMode) {
+        let (mut client_app, mut server_app, handle) = proxied_pair(opts(mode), None).await;
+        let exchange = async {
+            client_app
+                .write_all(b"request")
+                .await
+                .expect("client write");
+            client_app.shutdown().await.expect("client shutdown(Write)");
+
+            // read_to_end only returns once the server saw EOF.
+            let mut req = Vec::new();
+            server_app.read_to_end(&mut req).await.expect("server read");
+            assert_eq!(req, b"request");
+
+            // The other direction still works after the half-close.
+            server_app
+                .write_all(b"the reply")
+                .await
+                .expect("server write");
+            server_app.shutdown().await.expect("server shutdown(Write)");
+
+            let mut reply = Vec::new();
+            client_app
+                .read_to_end(&mut reply)
+                .await
+                .expect("client read");
+            assert_eq!(reply, b"the reply");
+        };
+        tokio::time::timeout(DEADLINE, exchange)
+            .await
+            .expect("half-close exchange did not finish in time");
+        assert_eq!(
+            finish(handle).await.expect("forward() failed"),
+            Transferred {
+                client_to_upstream: 7,
+                upstream_to_client: 9,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn splice_mode_propagates_half_close() {
+        half_close(CopyMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn buffered_mode_propagates_half_close() {
+        half_close(CopyMode::Buffered).await;
+    }
+
+    /// Asserts that `s`'s peer closed: a read yields EOF or an error.
+    async fn assert_closed(s: &mut TcpStream, what: &str) {
+        let mut buf = [0u8; 64];
+        loop {
+            let read = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{what} was not closed in time"));
+            match read {
+                Ok(0) | Err(_) => return,
+                // Leftover bytes in flight; keep reading until the close.
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn idle_timeout(mode: CopyMode) {
+        let opts = ForwardOptions {
+            idle_timeout: Some(Duration::from_millis(200)),
+            ..opts(mode)
+        };
+        let (mut client_app, mut server_app, handle) = proxied_pair(opts, None).await;
+        // One round trip, then silence.
+        client_app.write_all(b"ping").await.expect("client write");
+        let mut buf = [0u8; 4];
+        server_app.read_exact(&mut buf).await.expect("server read");
+        assert_eq!(&buf, b"ping");
+
+        match finish(handle).await {
+            Err(ForwardError::IdleTimeout { transferred, .. }) => {
+                assert_eq!(transferred.client_to_upstream, 4);
+            }
+            other => panic!("expected idle timeout, got {other:?}"),
+        }
+        assert_closed(&mut client_app, "client").await;
+        assert_closed(&mut server_app, "server").await;
+    }
+
+    #[tokio::test]
+    async fn splice_mode_closes_idle_connection() {
+        idle_timeout(CopyMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn buffered_mode_closes_idle_connection() {
+        idle_timeout(CopyMode::Buffered).await;
+    }
+
+    async fn upstream_reset(mode: CopyMode) {
+        let (mut client_app, mut server_app, handle) = proxied_pair(opts(mode), None).await;
+        client_app.write_all(b"ping").await.expect("client write");
+        let mut buf = [0u8; 4];
+        server_app.read_exact(&mut buf).await.expect("server read");
+        // SO_LINGER 0 + close sends RST instead of FIN.
+        server_app.set_zero_linger().expect("SO_LINGER");
+        drop(server_app);
+
+        let err = finish(handle)
+            .await
+            .expect_err("forward() should report the reset");
+        assert!(err.is_reset(), "expected a reset, got {err:?}");
+        assert_eq!(err.side(), Some(Side::Upstream));
+        assert_eq!(err.transferred().client_to_upstream, 4);
+        assert_closed(&mut client_app, "client").await;
+    }
+
+    #[tokio::test]
+    async fn splice_mode_survives_upstream_reset() {
+        upstream_reset(CopyMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn buffered_mode_survives_upstream_reset() {
+        upstream_reset(CopyMode::Buffered).await;
+    }
+
+    async fn client_reset_mid_stream(mode: CopyMode) {
+        let (mut client_app, server_app, handle) = proxied_pair(opts(mode), None).await;
+        let (_server_read, mut server_write) = server_app.into_split();
+        // The server streams until the proxy closes the upstream connection.
+        let server = tokio::spawn(async move {
+            let chunk = vec![7u8; CHUNK];
+            loop {
+                if let Err(e) = server_write.write_all(&chunk).await {
+                    return e;
+                }
+            }
+        });
+        let mut buf = vec![0u8; CHUNK];
+        client_app.read_exact(&mut buf).await.expect("client read");
+        client_app.set_zero_linger().expect("SO_LINGER");
+        drop(client_app);
+
+        // Any outcome is fine as long as it is reported, not a panic or hang.
+        let _ = finish(handle).await;
+        // The server's writes fail once the proxy closed the upstream side.
+        tokio::time::timeout(DEADLINE, server)
+            .await
+            .expect("upstream was not closed in time")
+            .expect("server task panicked");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_mode_survives_client_reset() {
+        client_reset_mid_stream(CopyMode::Splice).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffered_mode_survives_client_reset() {
+        client_reset_mid_stream(CopyMode::Buffered).await;
+    }
+
+    #[tokio::test]
+    async fn tune_stream_sets_nodelay_and_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let s = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        tune_stream(&s, Some(Duration::from_secs(20))).expect("tune");
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.tcp_nodelay().expect("nodelay"));
+        assert!(sock.keepalive().expect("keepalive"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("keepidle"),
+            Duration::from_secs(20)
+        );
+        tune_stream(&s, None).expect("tune off");
+        assert!(!sock.keepalive().expect("keepalive"));
+    }
+
+    #[test]
+    fn pipe_gets_requested_size_or_falls_back() {
+        let pipe = Pipe::new(DEFAULT_PIPE_SIZE).expect("pipe");
+        assert!(pipe.capacity >= 4096);
+        // Far beyond any pipe-max-size: refused, silently keeps its size.
+        let pipe = Pipe::new(usize::MAX).expect("pipe");
+        assert!(pipe.capacity >= 4096);
+    }
+}
