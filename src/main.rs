@@ -1,1 +1,123 @@
-fn main(){}
+//! The `strait` binary: one executable for the control plane, the node
+//! agent, the all-in-one `dev` cluster and the kubectl-like CLI. Only flag
+//! parsing and process wiring live here.
+
+mod client;
+mod commands;
+mod control;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Kubernetes-style Service networking for any set of machines.
+#[derive(Parser, Debug)]
+#[command(name = "strait", version, about, propagate_version = true)]
+struct Cli {
+    /// Control-plane replicas to talk to (comma-separated host:port); the
+    /// CLI moves to the next one when one is unreachable.
+    #[arg(long, global = true, env = "STRAIT_SERVER", default_value = "127.0.0.1:7700", value_delimiter = ',')]
+    server: Vec<String>,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "STRAIT_LOG_JSON")]
+    log_json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a control-plane replica.
+    Control(control::ControlArgs),
+    /// Create or update objects from manifests (kubectl apply).
+    Apply {
+        /// A file, a directory of .yaml/.yml/.json files, or - for stdin.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List objects or show one.
+    Get {
+        /// services (svc), pods (po), nodes (no), endpointslices.
+        kind: String,
+        /// Only this object.
+        name: Option<String>,
+        /// Namespace (default: default).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Output format: wide, yaml or json.
+        #[arg(short = 'o', long)]
+        output: Option<output::Format>,
+        /// Read the contacted replica's state without a read-index round trip.
+        #[arg(long, value_enum, default_value_t = commands::ConsistencyArg::Linearizable)]
+        consistency: commands::ConsistencyArg,
+    },
+    /// Show one object in detail, with its endpoints for a Service.
+    Describe {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Delete objects named in manifests, or one object by kind and name.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Inspect and change the control-plane membership.
+    Cluster {
+        #[command(subcommand)]
+        command: commands::ClusterCommand,
+    },
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("STRAIT_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,h2=warn,tower=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = client::Client::new(cli.server.clone());
+    let result = match cli.command {
+        Command::Control(args) => {
+            init_tracing(cli.log_json);
+            control::run(args).await
+        }
+        Command::Apply { files } => commands::apply(&client, &files).await,
+        Command::Get { kind, name, namespace, all_namespaces, output, consistency } => {
+            commands::get(&client, &kind, name.as_deref(), namespace.as_deref(), all_namespaces, output, consistency).await
+        }
+        Command::Describe { kind, name, namespace } => {
+            commands::describe(&client, &kind, &name, namespace.as_deref()).await
+        }
+        Command::Delete { files, kind, name, namespace } => {
+            commands::delete(&client, &files, kind.as_deref(), name.as_deref(), namespace.as_deref()).await
+        }
+        Command::Cluster { command } => commands::cluster(&client, command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

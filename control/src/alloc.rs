@@ -283,11 +283,13 @@ impl FromStr for LbPool {
             } else {
                 let net: IpNet = part.parse().map_err(|_| bad("not a CIDR or FIRST-LAST range"))?;
                 let net = net.trunc();
-                ranges.push((
-                    ip_to_u128(net.network()),
-                    ip_to_u128(net.broadcast()),
-                    net.network().is_ipv4(),
-                ));
+                let (mut a, mut b) = (ip_to_u128(net.network()), ip_to_u128(net.broadcast()));
+                // Like MetalLB's avoidBuggyIPs: no network or broadcast address.
+                if net.network().is_ipv4() && net.prefix_len() < 31 {
+                    a += 1;
+                    b -= 1;
+                }
+                ranges.push((a, b, net.network().is_ipv4()));
             }
         }
         Ok(Self {
@@ -416,7 +418,7 @@ mod tests {
 
     #[test]
     fn lb_pool() {
-        let mut p: LbPool = "192.0.2.10-192.0.2.11,198.51.100.0/31".parse().expect("pool");
+        let mut p: LbPool = "192.0.2.10-192.0.2.11,198.51.100.0/31,203.0.113.0/30".parse().expect("pool");
         let mut got = Vec::new();
         while let Ok(ip) = p.next_free() {
             p.reserve(ip);
@@ -424,7 +426,7 @@ mod tests {
         }
         assert_eq!(
             got,
-            ["192.0.2.10", "192.0.2.11", "198.51.100.0", "198.51.100.1"]
+            ["192.0.2.10", "192.0.2.11", "198.51.100.0", "198.51.100.1", "203.0.113.1", "203.0.113.2"]
         );
         assert!("nonsense".parse::<LbPool>().is_err());
     }

@@ -159,6 +159,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         election_timeout_max: cfg.election_timeout_ms.1,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: 1000,
+        install_snapshot_timeout: 10_000,
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().map_err(|e| StartError::Raft(e.to_string()))?);

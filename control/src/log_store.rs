@@ -258,6 +258,12 @@ impl<C: RaftTypeConfig> LogStore<C> {
     ///
     /// redb allows one open handle per file: opening a path that is already open (for instance
     /// by a live clone of another `LogStore`) fails with [`LogStoreError::Open`].
+    ///
+    /// # Errors
+    ///
+    /// [`LogStoreError::Open`] if the file cannot be created or opened,
+    /// [`LogStoreError::UnsupportedFormat`] if it was written by an incompatible build, and
+    /// [`LogStoreError::Redb`] if the tables cannot be created.
     pub fn open(path: &Path) -> Result<LogStore<C>, LogStoreError> {
         let db = Database::create(path).map_err(|source| LogStoreError::Open {
             path: path.to_path_buf(),
@@ -271,6 +277,11 @@ impl<C: RaftTypeConfig> LogStore<C> {
     /// Uses an already-open redb database, for instance one shared with the state machine.
     ///
     /// The log store only touches its own tables (`raft_log` and `raft_meta`).
+    ///
+    /// # Errors
+    ///
+    /// [`LogStoreError::UnsupportedFormat`] if the tables were written by an incompatible build,
+    /// [`LogStoreError::Redb`] if they cannot be created.
     pub fn from_database(db: Arc<Database>) -> Result<LogStore<C>, LogStoreError> {
         Self::init(db, None)
     }

@@ -1,0 +1,448 @@
+//! What happens to one accepted connection: pick an endpoint of its service
+//! port (traffic policy, readiness with the KEP-1669 terminating fallback,
+//! ClientIP affinity, least-connections over two random choices or
+//! round-robin), connect with retries on other endpoints so a dead backend
+//! costs the client nothing, eject endpoints that keep failing, then splice
+//! bytes both ways until the connection ends.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::config::{Config, LbPolicy};
+use crate::splice::{self, ForwardOptions};
+use crate::state::{Endpoint, NodeState, ServiceInfo, ServiceKey};
+
+/// Connect attempts per accepted connection, each to a different endpoint.
+pub const MAX_ATTEMPTS: usize = 3;
+/// Consecutive connect failures after which an endpoint is ejected.
+const EJECT_AFTER: u32 = 2;
+/// First ejection period; doubles with each further failure.
+const EJECT_BASE: Duration = Duration::from_secs(5);
+const EJECT_MAX: Duration = Duration::from_secs(60);
+/// Keepalive on both sockets, so dead peers of idle connections are noticed.
+const KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Why a connection was not forwarded, or how forwarding ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The service port has no usable endpoint (none ready or serving, or
+    /// none on this node under a Local traffic policy).
+    #[error("no usable endpoint for {service} port {port}")]
+    NoEndpoints { service: ServiceKey, port: u16 },
+    /// Every attempt failed to connect.
+    #[error("connecting to an endpoint of {service} failed {attempts} times, last to {addr}")]
+    Connect {
+        service: ServiceKey,
+        attempts: usize,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// The connection failed while forwarding.
+    #[error(transparent)]
+    Forward(#[from] splice::ForwardError),
+}
+
+/// Where an accepted connection is headed: a port of a Service, reached
+/// through a ClusterIP (internal) or a NodePort/LB address (external).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub service: Arc<ServiceInfo>,
+    /// Index into `service.ports`.
+    pub port: usize,
+    pub external: bool,
+}
+
+impl Route {
+    /// The endpoints new connections may go to, by Kubernetes' rules.
+    pub fn usable_endpoints<'a>(&'a self, node_name: &str) -> Vec<&'a Endpoint> {
+        let local_only = if self.external {
+            self.service.external_local
+        } else {
+            self.service.internal_local
+        };
+        let Some(port) = self.service.ports.get(self.port) else {
+            return Vec::new();
+        };
+        let candidates = port
+            .endpoints
+            .iter()
+            .filter(|e| !local_only || e.node_name.as_deref() == Some(node_name));
+        let ready: Vec<&Endpoint> = candidates.clone().filter(|e| e.ready).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        // KEP-1669: when nothing is ready, serving endpoints that are
+        // terminating still take traffic.
+        candidates.filter(|e| e.serving && e.terminating).collect()
+    }
+
+    fn port_number(&self) -> u16 {
+        self.service.ports.get(self.port).map(|p| p.port).unwrap_or(0)
+    }
+}
+
+/// Per-backend counters shared by every listener.
+#[derive(Debug, Default)]
+struct EndpointStats {
+    active: AtomicU64,
+    failures: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl EndpointStats {
+    fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| t > now)
+    }
+
+    fn failed(&self, addr: SocketAddr) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n >= EJECT_AFTER {
+            let doublings = (n - EJECT_AFTER).min(8);
+            let period = EJECT_BASE.saturating_mul(1 << doublings).min(EJECT_MAX);
+            *self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Instant::now() + period);
+            debug!(endpoint = %addr, failures = n, eject_secs = period.as_secs(), "endpoint ejected");
+        }
+    }
+
+    fn succeeded(&self) {
+        if self.failures.swap(0, Ordering::Relaxed) != 0 {
+            *self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+}
+
+/// Decrements an endpoint's active count when the connection ends.
+struct ActiveGuard(Arc<EndpointStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type PortKey = (ServiceKey, u16);
+
+/// Picks endpoints and forwards connections; one per agent, shared by all
+/// listeners so load and health are per backend, not per listener.
+#[derive(Debug)]
+pub struct Forwarder {
+    node_name: String,
+    policy: LbPolicy,
+    connect_timeout: Duration,
+    opts: ForwardOptions,
+    stats: DashMap<SocketAddr, Arc<EndpointStats>>,
+    round_robin: DashMap<PortKey, usize>,
+    affinity: DashMap<(PortKey, IpAddr), (SocketAddr, Instant)>,
+}
+
+impl Forwarder {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            node_name: cfg.name.clone(),
+            policy: cfg.lb_policy,
+            connect_timeout: cfg.connect_timeout,
+            opts: ForwardOptions {
+                idle_timeout: cfg.idle_timeout,
+                ..ForwardOptions::default()
+            },
+            stats: DashMap::new(),
+            round_robin: DashMap::new(),
+            affinity: DashMap::new(),
+        }
+    }
+
+    /// Forwards `client` to an endpoint of `route`. Without a usable
+    /// endpoint the client is reset at once rather than left hanging.
+    pub async fn handle(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        route: &Route,
+    ) -> Result<splice::Transferred, ProxyError> {
+        let service = route.service.key.clone();
+        let port = route.port_number();
+        let endpoints = route.usable_endpoints(&self.node_name);
+        let pkey: PortKey = (service.clone(), port);
+        let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
+        let mut last_err = None;
+        while tried.len() < MAX_ATTEMPTS {
+            let Some(addr) = self.pick(&pkey, route.service.affinity, &endpoints, &tried, peer.ip())
+            else {
+                break;
+            };
+            tried.push(addr);
+            let stats = self.stats_for(addr);
+            match self.connect(addr).await {
+                Ok(upstream) => {
+                    stats.succeeded();
+                    if route.service.affinity.is_some() {
+                        self.affinity
+                            .insert((pkey.clone(), peer.ip()), (addr, Instant::now()));
+                    }
+                    stats.active.fetch_add(1, Ordering::Relaxed);
+                    let _guard = ActiveGuard(stats);
+                    tracing::Span::current().record("upstream", tracing::field::display(addr));
+                    for s in [&client, &upstream] {
+                        if let Err(e) = splice::tune_stream(s, Some(KEEPALIVE)) {
+                            debug!(error = %e, "cannot tune socket");
+                        }
+                    }
+                    return Ok(splice::forward(client, upstream, &self.opts).await?);
+                }
+                Err(e) => {
+                    debug!(endpoint = %addr, error = %e, attempt = tried.len(), "connect failed");
+                    stats.failed(addr);
+                    last_err = Some((addr, e));
+                }
+            }
+        }
+        reset(&client);
+        match last_err {
+            Some((addr, source)) => Err(ProxyError::Connect {
+                service,
+                attempts: tried.len(),
+                addr,
+                source,
+            }),
+            None => Err(ProxyError::NoEndpoints { service, port }),
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.connect_timeout),
+            )),
+        }
+    }
+
+    fn stats_for(&self, addr: SocketAddr) -> Arc<EndpointStats> {
+        self.stats.entry(addr).or_default().clone()
+    }
+
+    fn active(&self, addr: SocketAddr) -> u64 {
+        self.stats
+            .get(&addr)
+            .map(|s| s.active.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// The next endpoint to try, skipping those already tried. Ejected
+    /// endpoints are used only when nothing else is left.
+    fn pick(
+        &self,
+        pkey: &PortKey,
+        affinity: Option<Duration>,
+        endpoints: &[&Endpoint],
+        tried: &[SocketAddr],
+        client_ip: IpAddr,
+    ) -> Option<SocketAddr> {
+        let now = Instant::now();
+        let untried: Vec<SocketAddr> = endpoints
+            .iter()
+            .map(|e| e.addr)
+            .filter(|a| !tried.contains(a))
+            .collect();
+        let healthy: Vec<SocketAddr> = untried
+            .iter()
+            .copied()
+            .filter(|a| self.stats.get(a).is_none_or(|s| !s.is_ejected(now)))
+            .collect();
+        let pool = if healthy.is_empty() { untried } else { healthy };
+        if pool.is_empty() {
+            return None;
+        }
+        if let Some(timeout) = affinity {
+            let akey = (pkey.clone(), client_ip);
+            if let Some(entry) = self.affinity.get(&akey) {
+                let (addr, last) = *entry;
+                drop(entry);
+                if now.duration_since(last) < timeout && pool.contains(&addr) {
+                    return Some(addr);
+                }
+            }
+        }
+        let n = pool.len();
+        let idx = match self.policy {
+            LbPolicy::RoundRobin => {
+                let mut next = self.round_robin.entry(pkey.clone()).or_insert(0);
+                let i = *next % n;
+                *next = next.wrapping_add(1);
+                i
+            }
+            LbPolicy::LeastConn if n == 1 => 0,
+            LbPolicy::LeastConn => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let b = (a + rng.random_range(1..n)) % n;
+                match self.active(pool[a]).cmp(&self.active(pool[b])) {
+                    std::cmp::Ordering::Less => a,
+                    std::cmp::Ordering::Greater => b,
+                    std::cmp::Ordering::Equal => a,
+                }
+            }
+        };
+        pool.get(idx).copied()
+    }
+
+    /// Drops bookkeeping for backends no longer in `state` and expired
+    /// affinity entries.
+    pub fn gc(&self, state: &NodeState) {
+        let live: std::collections::HashSet<SocketAddr> = state
+            .services()
+            .flat_map(|s| s.ports.iter())
+            .flat_map(|p| p.endpoints.iter().map(|e| e.addr))
+            .collect();
+        self.stats
+            .retain(|a, s| live.contains(a) || s.active.load(Ordering::Relaxed) > 0);
+        let now = Instant::now();
+        self.affinity.retain(|((key, _), _), (addr, last)| {
+            let timeout = state.service(key).and_then(|s| s.affinity);
+            live.contains(addr) && timeout.is_some_and(|t| now.duration_since(*last) < t)
+        });
+        self.round_robin
+            .retain(|(key, _), _| state.service(key).is_some());
+    }
+}
+
+/// Closes `s` with RST (SO_LINGER 0) so the client fails fast instead of
+/// seeing an orderly end of a stream that never began.
+pub fn reset(s: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)) {
+        debug!(error = %e, "cannot set SO_LINGER 0");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::PortInfo;
+
+    fn ep(i: u8, ready: bool, serving: bool, terminating: bool, node: &str) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([10, 0, 0, i], 80)),
+            ready,
+            serving,
+            terminating,
+            node_name: Some(node.to_string()),
+        }
+    }
+
+    fn route(endpoints: Vec<Endpoint>, external: bool, local: bool) -> Route {
+        Route {
+            service: Arc::new(ServiceInfo {
+                key: ServiceKey::new("default", "web"),
+                service_type: "NodePort".into(),
+                cluster_ip: None,
+                lb_ips: vec![],
+                ports: vec![PortInfo {
+                    name: String::new(),
+                    protocol: "TCP".into(),
+                    port: 80,
+                    node_port: Some(30080),
+                    endpoints: endpoints.into(),
+                }],
+                affinity: None,
+                external_local: local,
+                internal_local: false,
+            }),
+            port: 0,
+            external,
+        }
+    }
+
+    fn addrs(v: Vec<&Endpoint>) -> Vec<u8> {
+        v.iter()
+            .map(|e| match e.addr.ip() {
+                IpAddr::V4(ip) => ip.octets()[3],
+                IpAddr::V6(_) => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn readiness_and_terminating_fallback() {
+        let r = route(
+            vec![ep(1, true, true, false, "a"), ep(2, false, true, true, "a")],
+            false,
+            false,
+        );
+        assert_eq!(addrs(r.usable_endpoints("a")), [1]);
+        let r = route(
+            vec![
+                ep(1, false, false, true, "a"),
+                ep(2, false, true, true, "a"),
+                ep(3, false, false, false, "a"),
+            ],
+            false,
+            false,
+        );
+        assert_eq!(addrs(r.usable_endpoints("a")), [2]);
+    }
+
+    #[test]
+    fn external_local_policy() {
+        let eps = vec![ep(1, true, true, false, "a"), ep(2, true, true, false, "b")];
+        assert_eq!(addrs(route(eps.clone(), true, true).usable_endpoints("b")), [2]);
+        assert!(route(eps.clone(), true, true).usable_endpoints("c").is_empty());
+        // ClusterIP traffic ignores externalTrafficPolicy.
+        assert_eq!(addrs(route(eps, false, true).usable_endpoints("c")), [1, 2]);
+    }
+
+    #[test]
+    fn pick_prefers_fewer_connections_and_skips_ejected() {
+        let fwd = Forwarder::new(&Config::default());
+        let eps = [ep(1, true, true, false, "a"), ep(2, true, true, false, "a")];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let key = (ServiceKey::new("default", "web"), 80);
+        let client: IpAddr = [127, 0, 0, 1].into();
+        fwd.stats_for(eps[0].addr).active.store(5, Ordering::Relaxed);
+        for _ in 0..20 {
+            assert_eq!(fwd.pick(&key, None, &refs, &[], client), Some(eps[1].addr));
+        }
+        let s = fwd.stats_for(eps[1].addr);
+        s.failed(eps[1].addr);
+        s.failed(eps[1].addr);
+        assert_eq!(fwd.pick(&key, None, &refs, &[], client), Some(eps[0].addr));
+        // With everything else tried, an ejected endpoint is still a last resort.
+        assert_eq!(fwd.pick(&key, None, &refs, &[eps[0].addr], client), Some(eps[1].addr));
+        assert_eq!(fwd.pick(&key, None, &refs, &[eps[0].addr, eps[1].addr], client), None);
+    }
+
+    #[test]
+    fn round_robin_and_affinity() {
+        let cfg = Config {
+            lb_policy: LbPolicy::RoundRobin,
+            ..Config::default()
+        };
+        let fwd = Forwarder::new(&cfg);
+        let eps = [ep(1, true, true, false, "a"), ep(2, true, true, false, "a")];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let key = (ServiceKey::new("default", "web"), 80);
+        let client: IpAddr = [127, 0, 0, 1].into();
+        let seq: Vec<_> = (0..4)
+            .map(|_| fwd.pick(&key, None, &refs, &[], client).expect("pick"))
+            .collect();
+        assert_eq!(seq, [eps[0].addr, eps[1].addr, eps[0].addr, eps[1].addr]);
+        fwd.affinity
+            .insert((key.clone(), client), (eps[1].addr, Instant::now()));
+        let hour = Some(Duration::from_secs(3600));
+        for _ in 0..4 {
+            assert_eq!(fwd.pick(&key, hour, &refs, &[], client), Some(eps[1].addr));
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Keeps one TCP listener per address a Service is reachable at on this
+//! node (ClusterIP:port, node IP:nodePort, LB ingress IP:port), reconciled
+//! to every new state. Listeners resolve their route at accept time from the
+//! latest route table, so endpoint changes need no rebinding, and removing
+//! a listener only stops accepting: connections it accepted keep running.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::forward::{self, Forwarder, ProxyError, Route};
+use crate::state::NodeState;
+
+/// How often addresses that failed to bind are retried.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+/// Pause after an accept error (typically EMFILE) before accepting again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+const BACKLOG: i32 = 1024;
+
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Listener addresses and where each leads.
+pub type RouteTable = BTreeMap<SocketAddr, Route>;
+
+/// Errors binding a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The address cannot be bound (not local, in use, no permission).
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The addresses a state asks this node to listen on: every TCP port of
+/// every Service with a ClusterIP; NodePort and LoadBalancer Services also
+/// on `node_ip:nodePort`; LoadBalancer Services on each ingress IP.
+pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
+    let mut table = RouteTable::new();
+    for svc in state.services() {
+        let Some(cluster_ip) = svc.cluster_ip else {
+            continue;
+        };
+        for (i, port) in svc.ports.iter().enumerate() {
+            if !port.is_tcp() {
+                continue;
+            }
+            let mut add = |addr: SocketAddr, external: bool| {
+                let route = Route {
+                    service: svc.clone(),
+                    port: i,
+                    external,
+                };
+                if let Some(other) = table.get(&addr) {
+                    warn!(
+                        %addr,
+                        service = %svc.key,
+                        owner = %other.service.key,
+                        "address claimed by two services, keeping the first"
+                    );
+                } else {
+                    table.insert(addr, route);
+                }
+            };
+            add(SocketAddr::new(cluster_ip, port.port), false);
+            if svc.has_node_ports()
+                && let Some(np) = port.node_port
+            {
+                add(SocketAddr::new(node_ip, np), true);
+            }
+            for ip in &svc.lb_ips {
+                add(SocketAddr::new(*ip, port.port), true);
+            }
+        }
+    }
+    table
+}
+
+/// Handle on the running listener set.
+#[derive(Debug, Clone)]
+pub struct Listeners {
+    bound: watch::Receiver<Arc<BTreeSet<SocketAddr>>>,
+}
+
+impl Listeners {
+    /// The addresses currently listening.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        self.bound.borrow().iter().copied().collect()
+    }
+
+    /// Changes whenever the bound set changes.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<BTreeSet<SocketAddr>>> {
+        self.bound.clone()
+    }
+}
+
+/// Starts reconciling listeners to `state`. Nothing is bound before the
+/// first synced state; the task ends when `drain` stops.
+pub fn spawn(cfg: &Config, state: watch::Receiver<Arc<NodeState>>, drain: &Drain) -> Listeners {
+    let (bound_tx, bound) = watch::channel(Arc::new(BTreeSet::new()));
+    let (routes_tx, _) = watch::channel(Arc::new(RouteTable::new()));
+    let r = Reconciler {
+        node_ip: cfg.node_ip,
+        forwarder: Arc::new(Forwarder::new(cfg)),
+        state,
+        routes_tx,
+        bound_tx,
+        drain: drain.clone(),
+        active: HashMap::new(),
+        failed: HashSet::new(),
+    };
+    drain.tracker().spawn(r.run());
+    Listeners { bound }
+}
+
+struct Reconciler {
+    node_ip: IpAddr,
+    forwarder: Arc<Forwarder>,
+    state: watch::Receiver<Arc<NodeState>>,
+    routes_tx: watch::Sender<Arc<RouteTable>>,
+    bound_tx: watch::Sender<Arc<BTreeSet<SocketAddr>>>,
+    drain: Drain,
+    active: HashMap<SocketAddr, (CancellationToken, JoinHandle<()>)>,
+    /// Addresses that failed to bind, warned about once until they bind.
+    failed: HashSet<SocketAddr>,
+}
+
+impl Reconciler {
+    async fn run(mut self) {
+        let stop = self.drain.stop_token().clone();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = self.state.wait_for(|s| s.is_synced()) => if r.is_err() { return },
+        }
+        loop {
+            let snapshot = self.state.borrow_and_update().clone();
+            self.reconcile(&snapshot).await;
+            let retry = async {
+                if self.failed.is_empty() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(BIND_RETRY).await
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.state.changed() => if r.is_err() { break },
+                _ = retry => {}
+            }
+        }
+        for (_, (token, _)) in self.active.drain() {
+            token.cancel();
+        }
+    }
+
+    async fn reconcile(&mut self, state: &NodeState) {
+        let table = Arc::new(route_table(state, self.node_ip));
+        // Publish routes first: a listener kept across the change serves the
+        // new endpoints from its next accept on.
+        self.routes_tx.send_replace(table.clone());
+        self.forwarder.gc(state);
+
+        let gone: Vec<SocketAddr> = self
+            .active
+            .keys()
+            .filter(|a| !table.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some((token, handle)) = self.active.remove(&addr) {
+                token.cancel();
+                // The socket must be closed before the address can be bound again.
+                let _ = handle.await;
+                info!(%addr, "listener closed");
+            }
+        }
+        self.failed.retain(|a| table.contains_key(a));
+
+        for (addr, route) in table.iter() {
+            if self.active.contains_key(addr) {
+                continue;
+            }
+            match bind(*addr) {
+                Ok(listener) => {
+                    self.failed.remove(addr);
+                    info!(%addr, service = %route.service.key, external = route.external, "listener bound");
+                    let token = self.drain.stop_token().child_token();
+                    let handle = self.drain.tracker().spawn(accept_loop(
+                        listener,
+                        *addr,
+                        token.clone(),
+                        self.routes_tx.subscribe(),
+                        self.forwarder.clone(),
+                        self.drain.clone(),
+                    ));
+                    self.active.insert(*addr, (token, handle));
+                }
+                Err(e) => {
+                    if self.failed.insert(*addr) {
+                        warn!(
+                            %addr,
+                            service = %route.service.key,
+                            error = %e,
+                            "cannot listen; is the address local on this node (route capture)? retrying"
+                        );
+                    }
+                }
+            }
+        }
+        let bound: BTreeSet<SocketAddr> = self.active.keys().copied().collect();
+        self.bound_tx.send_if_modified(|cur| {
+            if **cur == bound {
+                false
+            } else {
+                *cur = Arc::new(bound);
+                true
+            }
+        });
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    let err = |source| ListenError::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true).map_err(err)?;
+    }
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(BACKLOG).map_err(err)?;
+    TcpListener::from_std(socket.into()).map_err(err)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    routes: watch::Receiver<Arc<RouteTable>>,
+    forwarder: Arc<Forwarder>,
+    drain: Drain,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(%addr, error = %e, "accept failed");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        let route = routes.borrow().get(&addr).cloned();
+        let Some(route) = route else {
+            forward::reset(&stream);
+            continue;
+        };
+        let span = tracing::debug_span!(
+            "conn",
+            id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
+            client = %peer,
+            listener = %addr,
+            service = %route.service.key,
+            upstream = tracing::field::Empty,
+        );
+        let fwd = forwarder.clone();
+        let cut = drain.cut_token().clone();
+        drain
+            .tracker()
+            .spawn(serve(fwd, stream, peer, route, cut).instrument(span));
+    }
+}
+
+async fn serve(
+    forwarder: Arc<Forwarder>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    route: Route,
+    cut: CancellationToken,
+) {
+    let start = Instant::now();
+    let result = tokio::select! {
+        _ = cut.cancelled() => {
+            debug!("connection cut at shutdown");
+            return;
+        }
+        r = forwarder.handle(stream, peer, &route) => r,
+    };
+    let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match result {
+        Ok(t) => debug!(
+            bytes_in = t.client_to_upstream,
+            bytes_out = t.upstream_to_client,
+            duration_ms,
+            "connection closed"
+        ),
+        Err(ProxyError::Forward(e)) => {
+            let t = e.transferred();
+            debug!(
+                bytes_in = t.client_to_upstream,
+                bytes_out = t.upstream_to_client,
+                duration_ms,
+                error = %e,
+                "connection closed"
+            )
+        }
+        Err(e) => debug!(duration_ms, error = %e, "connection refused"),
+    }
+}

@@ -1,0 +1,288 @@
+//! The kubectl-like verbs: apply, get, describe, delete, cluster. Each
+//! object of a manifest is applied on its own and reported the way kubectl
+//! does; any failure makes the command exit non-zero.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Subcommand;
+use strait_proto::Kind;
+use strait_proto::v1::{
+    AddMemberRequest, ApplyRequest, ClusterStatusRequest, Consistency, DeleteRequest, GetRequest,
+    ListRequest, Object, RemoveMemberRequest, object,
+};
+
+use crate::client::{Client, server_error};
+use crate::output::{self, Format};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ConsistencyArg {
+    Linearizable,
+    Serializable,
+}
+
+impl From<ConsistencyArg> for i32 {
+    fn from(c: ConsistencyArg) -> i32 {
+        match c {
+            ConsistencyArg::Linearizable => Consistency::Linearizable as i32,
+            ConsistencyArg::Serializable => Consistency::Serializable as i32,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Each member's role, term, last log and applied index, and the leader.
+    Status,
+    /// Add a replica: it catches up as a learner, then becomes a voter.
+    AddMember {
+        #[arg(long)]
+        id: u64,
+        /// Its host:port.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a replica from the voters.
+    RemoveMember {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+/// Manifest files named by `-f`: files, directories (their .yaml, .yml and
+/// .json files, sorted) or `-` for stdin.
+fn read_sources(files: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for f in files {
+        if f.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+            out.push(("STDIN".to_string(), s));
+        } else if f.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(f)
+                .with_context(|| format!("reading directory {}", f.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+                .collect();
+            entries.sort();
+            for p in entries {
+                out.push((p.display().to_string(), read_file(&p)?));
+            }
+        } else {
+            out.push((f.display().to_string(), read_file(f)?));
+        }
+    }
+    Ok(out)
+}
+
+fn read_file(p: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("the path {:?} does not exist or cannot be read", p.display().to_string()))
+}
+
+fn reference(o: &Object) -> String {
+    match o.kind() {
+        Some(k) => format!("{}/{}", k.resource(), o.name()),
+        None => o.name().to_string(),
+    }
+}
+
+pub async fn apply(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
+    let sources = read_sources(files)?;
+    let mut failures = 0;
+    let mut rpc = None;
+    for (source, text) in sources {
+        let objects = match strait_proto::manifest::parse(&text) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("error: error validating {source:?}: {e}");
+                failures += 1;
+                continue;
+            }
+        };
+        for o in objects {
+            if rpc.is_none() {
+                rpc = Some(client.resources().await?);
+            }
+            let Some(r) = rpc.as_mut() else { continue };
+            let what = reference(&o);
+            match r.apply(ApplyRequest { object: Some(o) }).await {
+                Ok(resp) => println!("{what} {}", resp.into_inner().result),
+                Err(status) => {
+                    eprintln!("{}", server_error(status).context(format!("error when applying {what} from {source:?}")).root_cause());
+                    failures += 1;
+                }
+            }
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} object(s) could not be applied");
+    }
+    Ok(())
+}
+
+fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
+    kind.parse::<Kind>().map_err(|e| anyhow!(e))
+}
+
+fn namespace_for(kind: Kind, ns: Option<&str>) -> String {
+    if kind.namespaced() { ns.unwrap_or("default").to_string() } else { String::new() }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn get(
+    client: &Client,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    all: bool,
+    format: Option<Format>,
+    consistency: ConsistencyArg,
+) -> anyhow::Result<()> {
+    let kind = parse_kind(kind)?;
+    let mut rpc = client.resources().await?;
+    let ns = if all { String::new() } else { namespace_for(kind, namespace) };
+    let items: Vec<Object> = match name {
+        Some(n) => {
+            let resp = rpc
+                .get(GetRequest { kind: kind.to_string(), namespace: ns.clone(), name: n.to_string(), consistency: consistency.into() })
+                .await
+                .map_err(server_error)?;
+            resp.into_inner().object.into_iter().collect()
+        }
+        None => {
+            rpc.list(ListRequest { kind: kind.to_string(), namespace: ns.clone(), consistency: consistency.into() })
+                .await
+                .map_err(server_error)?
+                .into_inner()
+                .items
+        }
+    };
+    match format {
+        Some(Format::Yaml) | Some(Format::Json) => {
+            let values: Vec<serde_json::Value> = items.iter().map(output::manifest).collect();
+            let v = if name.is_some() && values.len() == 1 {
+                values.into_iter().next().unwrap_or_default()
+            } else {
+                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values})
+            };
+            if format == Some(Format::Json) {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", output::to_yaml(&v)?);
+            }
+        }
+        _ if items.is_empty() => {
+            if all || !kind.namespaced() {
+                eprintln!("No resources found");
+            } else {
+                eprintln!("No resources found in {ns} namespace.");
+            }
+        }
+        f => print!("{}", output::table(kind, &items, all, f == Some(Format::Wide))),
+    }
+    Ok(())
+}
+
+pub async fn describe(client: &Client, kind: &str, name: &str, namespace: Option<&str>) -> anyhow::Result<()> {
+    let kind = parse_kind(kind)?;
+    let ns = namespace_for(kind, namespace);
+    let mut rpc = client.resources().await?;
+    let o = rpc
+        .get(GetRequest { kind: kind.to_string(), namespace: ns.clone(), name: name.to_string(), consistency: 0 })
+        .await
+        .map_err(server_error)?
+        .into_inner()
+        .object
+        .ok_or_else(|| anyhow!("server returned no object"))?;
+    match &o.kind {
+        Some(object::Kind::Service(s)) => {
+            let slices: Vec<Object> = rpc
+                .list(ListRequest { kind: "EndpointSlice".into(), namespace: ns, consistency: 0 })
+                .await
+                .map_err(server_error)?
+                .into_inner()
+                .items
+                .into_iter()
+                .filter(|e| e.metadata().and_then(|m| m.labels.get("kubernetes.io/service-name")).map(String::as_str) == Some(name))
+                .collect();
+            print!("{}", output::describe_service(&o, s, &slices));
+        }
+        _ => print!("{}", output::to_yaml(&output::manifest(&o))?),
+    }
+    Ok(())
+}
+
+pub async fn delete(
+    client: &Client,
+    files: &[PathBuf],
+    kind: Option<&str>,
+    name: Option<&str>,
+    namespace: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut targets: Vec<(Kind, String, String)> = Vec::new();
+    if !files.is_empty() {
+        if kind.is_some() {
+            bail!("use either -f FILE or KIND NAME, not both");
+        }
+        for (source, text) in read_sources(files)? {
+            let objects = strait_proto::manifest::parse(&text).with_context(|| format!("error validating {source:?}"))?;
+            for o in objects {
+                if let Some(k) = o.kind() {
+                    let ns = if k.namespaced() && o.namespace().is_empty() { namespace_for(k, namespace) } else { o.namespace().to_string() };
+                    targets.push((k, ns, o.name().to_string()));
+                }
+            }
+        }
+    } else {
+        let (Some(kind), Some(name)) = (kind, name) else {
+            bail!("you must provide one or more resources by -f FILE or KIND NAME");
+        };
+        let k = parse_kind(kind)?;
+        targets.push((k, namespace_for(k, namespace), name.to_string()));
+    }
+    let mut rpc = client.resources().await?;
+    let mut failures = 0;
+    for (kind, ns, name) in targets {
+        match rpc
+            .delete(DeleteRequest { kind: kind.to_string(), namespace: ns, name: name.clone(), resource_version: String::new() })
+            .await
+        {
+            Ok(_) => println!("{} {name:?} deleted", kind.resource()),
+            Err(status) => {
+                eprintln!("{}", server_error(status));
+                failures += 1;
+            }
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} object(s) could not be deleted");
+    }
+    Ok(())
+}
+
+pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()> {
+    let mut rpc = client.cluster().await?;
+    match cmd {
+        ClusterCommand::Status => {
+            let s = rpc.status(ClusterStatusRequest {}).await.map_err(server_error)?.into_inner();
+            println!("leader: {}   revision: {}", s.leader_id, s.revision);
+            println!("{:<4} {:<22} {:<9} {:<6} {:>9} {:>9}  VOTER", "ID", "ADDRESS", "ROLE", "TERM", "LAST-LOG", "APPLIED");
+            for m in s.members {
+                println!(
+                    "{:<4} {:<22} {:<9} {:<6} {:>9} {:>9}  {}",
+                    m.id, m.address, m.role, m.term, m.last_log_index, m.applied_index, m.voter
+                );
+            }
+        }
+        ClusterCommand::AddMember { id, address } => {
+            let r = rpc.add_member(AddMemberRequest { id, address }).await.map_err(server_error)?.into_inner();
+            println!("member {id} added; voters: {:?}", r.voters);
+        }
+        ClusterCommand::RemoveMember { id } => {
+            let r = rpc.remove_member(RemoveMemberRequest { id }).await.map_err(server_error)?.into_inner();
+            println!("member {id} removed; voters: {:?}", r.voters);
+        }
+    }
+    Ok(())
+}

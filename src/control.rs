@@ -1,0 +1,107 @@
+//! `strait control`: flags for one control-plane replica, turned into a
+//! `strait_control::app::Config`, then serve until SIGINT/SIGTERM.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use strait_control::app::{self, Config};
+
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    /// This replica's id (unique for the cluster's lifetime, never reused).
+    #[arg(long, env = "STRAIT_ID", default_value_t = 1)]
+    pub id: u64,
+    /// Where the Raft log, vote and snapshots are kept.
+    #[arg(long, env = "STRAIT_DATA_DIR", default_value = "strait-data")]
+    pub data_dir: PathBuf,
+    /// Address to serve gRPC (clients, node agents and peers) on.
+    #[arg(long, env = "STRAIT_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Address peers and clients reach this replica at (default: --listen).
+    #[arg(long, env = "STRAIT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Voters of a new cluster, this one included: `1=host:port,2=host:port,3=host:port`.
+    /// Empty: a single-replica cluster. Used only to bootstrap a new cluster.
+    #[arg(long, env = "STRAIT_PEERS", default_value = "")]
+    pub peers: String,
+    /// The range ClusterIPs are allocated from.
+    #[arg(long, env = "STRAIT_SERVICE_CIDR", default_value = "10.96.0.0/12")]
+    pub service_cidr: ipnet::IpNet,
+    /// The range NodePorts are allocated from.
+    #[arg(long, env = "STRAIT_NODE_PORT_RANGE", default_value = "30000-32767")]
+    pub node_port_range: String,
+    /// LoadBalancer address pool: CIDRs and FIRST-LAST ranges, comma-separated.
+    #[arg(long, env = "STRAIT_LB_POOL", default_value = "")]
+    pub lb_pool: String,
+    /// Revisions of change history kept for watchers to resume from.
+    #[arg(long, env = "STRAIT_WATCH_HISTORY", default_value_t = 10_000)]
+    pub watch_history: usize,
+    /// Log entries between snapshots (older entries are then purged).
+    #[arg(long, env = "STRAIT_SNAPSHOT_EVERY", default_value_t = 10_000)]
+    pub snapshot_every: u64,
+}
+
+/// Parses `1=a:1,2=b:2`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("--peers entry {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("--peers entry {part:?}: id is not a number"))?;
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            bail!("--peers names id {id} twice");
+        }
+    }
+    Ok(out)
+}
+
+impl ControlArgs {
+    pub fn config(&self) -> anyhow::Result<Config> {
+        Ok(Config {
+            id: self.id,
+            data_dir: self.data_dir.clone(),
+            listen: self.listen,
+            advertise: self.advertise.clone(),
+            peers: parse_peers(&self.peers)?,
+            service_cidr: self.service_cidr,
+            node_port_range: self.node_port_range.clone(),
+            lb_pool: self.lb_pool.clone(),
+            watch_history: self.watch_history,
+            snapshot_every: self.snapshot_every,
+            ..Config::default()
+        })
+    }
+}
+
+pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
+    let cfg = args.config()?;
+    tracing::info!(config = ?cfg, "starting control replica");
+    let mut bound = app::build(cfg).await.context("starting the control plane")?;
+    // Printed for scripts and tests that start on port 0.
+    println!("listening on {}", bound.addr);
+    tokio::select! {
+        r = bound.wait() => r.map_err(anyhow::Error::msg).context("gRPC server stopped"),
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            bound.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,266 @@
+//! How objects are shown: kubectl-like tables, `describe`, and YAML/JSON in
+//! the manifest form (empty fields left out, as the apiserver does).
+
+use std::time::SystemTime;
+
+use serde_json::Value;
+use strait_proto::Kind;
+use strait_proto::v1::{EndpointSlice, Node, Object, Pod, Service, int_or_string, object};
+
+/// `-o` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Wide,
+    Yaml,
+    Json,
+}
+
+/// Drops nulls, empty strings, zero numbers and empty collections.
+pub fn prune(v: Value) -> Option<Value> {
+    match v {
+        Value::Null => None,
+        Value::String(s) if s.is_empty() => None,
+        Value::Number(n) if n.as_f64() == Some(0.0) => None,
+        Value::Array(a) => {
+            let a: Vec<Value> = a.into_iter().filter_map(prune).collect();
+            (!a.is_empty()).then_some(Value::Array(a))
+        }
+        Value::Object(m) => {
+            let m: serde_json::Map<String, Value> = m.into_iter().filter_map(|(k, v)| prune(v).map(|v| (k, v))).collect();
+            (!m.is_empty()).then_some(Value::Object(m))
+        }
+        other => Some(other),
+    }
+}
+
+/// The object as a manifest value.
+pub fn manifest(o: &Object) -> Value {
+    prune(o.to_json()).unwrap_or(Value::Null)
+}
+
+pub fn to_yaml(v: &Value) -> anyhow::Result<String> {
+    Ok(serde_saphyr::to_string(v)?)
+}
+
+/// kubectl's AGE column: 45s, 12m, 3h, 5d.
+pub fn age(created: &str) -> String {
+    let Ok(t) = humantime::parse_rfc3339(created) else { return "<unknown>".into() };
+    let secs = SystemTime::now().duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn created(o: &Object) -> &str {
+    o.metadata().map(|m| m.creation_timestamp.as_str()).unwrap_or("")
+}
+
+fn or_none(s: String) -> String {
+    if s.is_empty() { "<none>".into() } else { s }
+}
+
+fn svc_ports(s: &Service) -> String {
+    let spec = s.spec.clone().unwrap_or_default();
+    let ports: Vec<String> = spec
+        .ports
+        .iter()
+        .map(|p| {
+            if p.node_port != 0 {
+                format!("{}:{}/{}", p.port, p.node_port, p.protocol)
+            } else {
+                format!("{}/{}", p.port, p.protocol)
+            }
+        })
+        .collect();
+    or_none(ports.join(","))
+}
+
+fn svc_row(s: &Service, wide: bool) -> Vec<String> {
+    let spec = s.spec.clone().unwrap_or_default();
+    let ty = spec.r#type.clone();
+    let cluster_ip = if ty == "ExternalName" { "<none>".into() } else { or_none(spec.cluster_ip.clone()) };
+    let ingress: Vec<String> = s
+        .status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .map(|lb| lb.ingress.iter().map(|i| if i.ip.is_empty() { i.hostname.clone() } else { i.ip.clone() }).collect())
+        .unwrap_or_default();
+    let external = match ty.as_str() {
+        "ExternalName" => spec.external_name.clone(),
+        "LoadBalancer" if ingress.is_empty() => "<pending>".into(),
+        "LoadBalancer" => ingress.join(","),
+        _ if !spec.external_ips.is_empty() => spec.external_ips.join(","),
+        _ => "<none>".into(),
+    };
+    let mut row = vec![cluster_ip, external, svc_ports(s)];
+    row.insert(0, ty);
+    if wide {
+        let sel: Vec<String> = spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        row.push(String::new()); // AGE placeholder, replaced below
+        row.push(or_none(sel.join(",")));
+    }
+    row
+}
+
+fn pod_row(p: &Pod) -> Vec<String> {
+    let ready = strait_ready(p);
+    let status = p.status.clone().unwrap_or_default();
+    let terminating = p.metadata.as_ref().is_some_and(|m| !m.deletion_timestamp.is_empty());
+    vec![
+        if ready { "1/1" } else { "0/1" }.into(),
+        if terminating { "Terminating".into() } else { or_none(status.phase.clone()) },
+        or_none(status.pod_ip.clone()),
+        or_none(p.spec.as_ref().map(|s| s.node_name.clone()).unwrap_or_default()),
+    ]
+}
+
+fn strait_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
+fn node_row(n: &Node) -> Vec<String> {
+    let status = n.status.clone().unwrap_or_default();
+    let ready = status.conditions.iter().find(|c| c.r#type == "Ready").map(|c| c.status.as_str());
+    let ip = status.addresses.iter().find(|a| a.r#type == "InternalIP").map(|a| a.address.clone()).unwrap_or_default();
+    vec![
+        match ready {
+            Some("True") => "Ready".into(),
+            Some(_) => "NotReady".into(),
+            None => "Unknown".into(),
+        },
+        or_none(ip),
+    ]
+}
+
+fn slice_row(s: &EndpointSlice) -> Vec<String> {
+    let ports: Vec<String> = s.ports.iter().filter_map(|p| p.port).map(|p| p.to_string()).collect();
+    let addrs: Vec<String> = s.endpoints.iter().flat_map(|e| e.addresses.iter().cloned()).collect();
+    let shown = if addrs.len() > 3 {
+        format!("{} + {} more...", addrs[..3].join(","), addrs.len() - 3)
+    } else {
+        addrs.join(",")
+    };
+    vec![s.address_type.clone(), or_none(ports.join(",")), or_none(shown)]
+}
+
+/// The table for `objects` of `kind`.
+pub fn table(kind: Kind, objects: &[Object], all_namespaces: bool, wide: bool) -> String {
+    let mut header: Vec<&str> = match kind {
+        Kind::Service => vec!["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
+        Kind::Pod => vec!["NAME", "READY", "STATUS", "IP", "NODE", "AGE"],
+        Kind::Node => vec!["NAME", "STATUS", "INTERNAL-IP", "AGE"],
+        Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
+    };
+    if wide && kind == Kind::Service {
+        header.push("SELECTOR");
+    }
+    if all_namespaces && kind.namespaced() {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    for o in objects {
+        let mut cells = match &o.kind {
+            Some(object::Kind::Service(s)) => svc_row(s, wide),
+            Some(object::Kind::Pod(p)) => pod_row(p),
+            Some(object::Kind::Node(n)) => node_row(n),
+            Some(object::Kind::EndpointSlice(s)) => slice_row(s),
+            None => continue,
+        };
+        let age = age(created(o));
+        if wide && kind == Kind::Service {
+            // svc_row left a slot for AGE before SELECTOR.
+            let n = cells.len();
+            cells[n - 2] = age;
+        } else {
+            cells.push(age);
+        }
+        cells.insert(0, o.name().to_string());
+        if all_namespaces && kind.namespaced() {
+            cells.insert(0, o.namespace().to_string());
+        }
+        rows.push(cells);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `describe` text for a Service, with its endpoints from `slices`.
+pub fn describe_service(o: &Object, s: &Service, slices: &[Object]) -> String {
+    let meta = s.metadata.clone().unwrap_or_default();
+    let spec = s.spec.clone().unwrap_or_default();
+    let labels: Vec<String> = meta.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let sel: Vec<String> = spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<25}{}\n", format!("{k}:"), v));
+    line("Name", meta.name.clone());
+    line("Namespace", meta.namespace.clone());
+    line("Labels", or_none(labels.join(",")));
+    line("Selector", or_none(sel.join(",")));
+    line("Type", spec.r#type.clone());
+    if spec.r#type == "ExternalName" {
+        line("External Name", spec.external_name.clone());
+    } else {
+        line("IP", or_none(spec.cluster_ip.clone()));
+    }
+    if let Some(lb) = s.status.as_ref().and_then(|st| st.load_balancer.as_ref()) {
+        for i in &lb.ingress {
+            line("LoadBalancer Ingress", i.ip.clone());
+        }
+    }
+    for p in &spec.ports {
+        let name = if p.name.is_empty() { "<unset>".to_string() } else { p.name.clone() };
+        line("Port", format!("{name}  {}/{}", p.port, p.protocol));
+        let target = match p.target_port.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(int_or_string::Value::IntVal(v)) => format!("{v}/{}", p.protocol),
+            Some(int_or_string::Value::StrVal(v)) => format!("{v}/{}", p.protocol),
+            None => "<none>".into(),
+        };
+        line("TargetPort", target);
+        if p.node_port != 0 {
+            line("NodePort", format!("{name}  {}/{}", p.node_port, p.protocol));
+        }
+        let eps: Vec<String> = slices
+            .iter()
+            .filter_map(|o| match &o.kind {
+                Some(object::Kind::EndpointSlice(es)) => Some(es),
+                _ => None,
+            })
+            .flat_map(|es| {
+                let port = es.ports.iter().find(|ep| ep.name.as_deref().unwrap_or("") == p.name).and_then(|ep| ep.port);
+                es.endpoints.iter().filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)).flat_map(move |e| {
+                    e.addresses.iter().map(move |a| match port {
+                        Some(port) => format!("{a}:{port}"),
+                        None => a.clone(),
+                    })
+                })
+            })
+            .collect();
+        if spec.r#type != "ExternalName" {
+            line("Endpoints", or_none(eps.join(",")));
+        }
+    }
+    line("Session Affinity", spec.session_affinity.clone());
+    if !spec.external_traffic_policy.is_empty() {
+        line("External Traffic Policy", spec.external_traffic_policy.clone());
+    }
+    if !spec.internal_traffic_policy.is_empty() {
+        line("Internal Traffic Policy", spec.internal_traffic_policy.clone());
+    }
+    line("Resource Version", meta.resource_version.clone());
+    line("Created", age(created(o)) + " ago");
+    out
+}
