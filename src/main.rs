@@ -5,6 +5,8 @@
 mod client;
 mod commands;
 mod control;
+mod dev;
+mod node;
 mod output;
 
 use std::path::PathBuf;
@@ -33,6 +35,10 @@ struct Cli {
 enum Command {
     /// Run a control-plane replica.
     Control(control::ControlArgs),
+    /// Run a node agent: listeners, forwarding, state from the control plane.
+    Node(node::NodeArgs),
+    /// An all-in-one local cluster with the example Services and demo backends.
+    Dev(dev::DevArgs),
     /// Create or update objects from manifests (kubectl apply).
     Apply {
         /// A file, a directory of .yaml/.yml/.json files, or - for stdin.
@@ -100,6 +106,14 @@ async fn main() -> ExitCode {
         Command::Control(args) => {
             init_tracing(cli.log_json);
             control::run(args).await
+        }
+        Command::Node(args) => {
+            init_tracing(cli.log_json);
+            node::run(args).await
+        }
+        Command::Dev(args) => {
+            init_tracing(cli.log_json);
+            dev::run(args).await
         }
         Command::Apply { files } => commands::apply(&client, &files).await,
         Command::Get { kind, name, namespace, all_namespaces, output, consistency } => {

@@ -218,11 +218,10 @@ fn async_stream(
         let mut last = 0;
         for resp in initial.into_iter().chain(backlog) {
             last = resp.revision;
-            if let Some(r) = watch::filter(&resp, &kinds) {
-                if tx.send(Ok(r)).await.is_err() {
+            if let Some(r) = watch::filter(&resp, &kinds)
+                && tx.send(Ok(r)).await.is_err() {
                     return;
                 }
-            }
         }
         let mut progress = tokio::time::interval(Duration::from_secs(5));
         progress.tick().await;
@@ -234,11 +233,10 @@ fn async_stream(
                             continue;
                         }
                         last = resp.revision;
-                        if let Some(r) = watch::filter(&resp, &kinds) {
-                            if tx.send(Ok(r)).await.is_err() {
+                        if let Some(r) = watch::filter(&resp, &kinds)
+                            && tx.send(Ok(r)).await.is_err() {
                                 return;
                             }
-                        }
                     }
                     Err(RecvError::Lagged(n)) => {
                         let _ = tx

@@ -77,7 +77,7 @@ pub enum StartError {
     DataDir { path: PathBuf, source: std::io::Error },
     /// The log store cannot be opened.
     #[error("opening the raft log in {path}: {source}")]
-    LogStore { path: PathBuf, source: crate::log_store::LogStoreError },
+    LogStore { path: PathBuf, source: Box<crate::log_store::LogStoreError> },
     /// Raft refused the configuration or failed to start.
     #[error("raft: {0}")]
     Raft(String),
@@ -141,7 +141,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir)?;
     let log_path = cfg.data_dir.join("raft-log.redb");
     let log = LogStore::<TypeConfig>::open(&log_path)
-        .map_err(|source| StartError::LogStore { path: log_path.clone(), source })?;
+        .map_err(|source| StartError::LogStore { path: log_path.clone(), source: Box::new(source) })?;
 
     let listener = TcpListener::bind(cfg.listen)
         .await

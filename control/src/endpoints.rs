@@ -24,6 +24,9 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Endpoints per slice (the Kubernetes controller's default).
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 
+/// A Service port as one Pod serves it: (name, protocol, target port).
+type ResolvedPort = (String, String, Option<i32>);
+
 /// Does `selector` (non-empty) select `labels`?
 pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -65,7 +68,7 @@ pub fn derive(svc: &Service, pods: &[&Pod], nodes: &BTreeMap<String, &Node>) -> 
     let address_type = if spec.cluster_ip.contains(':') { "IPv6" } else { "IPv4" };
 
     // Group endpoints by the port numbers they resolve to.
-    let mut groups: BTreeMap<Vec<(String, String, Option<i32>)>, Vec<Endpoint>> = BTreeMap::new();
+    let mut groups: BTreeMap<Vec<ResolvedPort>, Vec<Endpoint>> = BTreeMap::new();
     for pod in pods {
         let pm = pod.metadata.clone().unwrap_or_default();
         if !selects(&spec.selector, &pm.labels) {
@@ -86,7 +89,7 @@ pub fn derive(svc: &Service, pods: &[&Pod], nodes: &BTreeMap<String, &Node>) -> 
                 ((p.name.clone(), proto.to_string()), p.container_port)
             })
             .collect();
-        let ports: Vec<(String, String, Option<i32>)> = spec
+        let ports: Vec<ResolvedPort> = spec
             .ports
             .iter()
             .map(|p| (p.name.clone(), p.protocol.clone(), resolve_target_port(p, &named)))

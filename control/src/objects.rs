@@ -108,11 +108,10 @@ fn validate_probe(errs: &mut Errors, path: &str, p: &Probe) {
             errs.not_supported(format!("{path}.httpGet.scheme"), &h.scheme, &["HTTP", "HTTPS"]);
         }
     }
-    if let Some(e) = &p.exec {
-        if e.command.is_empty() {
+    if let Some(e) = &p.exec
+        && e.command.is_empty() {
             errs.required(format!("{path}.exec.command"), "");
         }
-    }
     for (name, v, min) in [
         ("initialDelaySeconds", p.initial_delay_seconds, 0),
         ("periodSeconds", p.period_seconds, 1),
@@ -268,15 +267,13 @@ pub fn validate_slice(s: &EndpointSlice, errs: &mut Errors) {
         }
     }
     for (i, p) in s.ports.iter().enumerate() {
-        if let Some(port) = p.port {
-            if !(1..=65535).contains(&port) {
+        if let Some(port) = p.port
+            && !(1..=65535).contains(&port) {
                 errs.invalid(format!("ports[{i}].port"), port, "must be between 1 and 65535, inclusive");
             }
-        }
-        if let Some(proto) = &p.protocol {
-            if !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
+        if let Some(proto) = &p.protocol
+            && !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
                 errs.not_supported(format!("ports[{i}].protocol"), proto, &["SCTP", "TCP", "UDP"]);
             }
-        }
     }
 }

@@ -84,7 +84,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 fn encode_snapshot(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u8>> {
     let header = SnapshotHeader {
-        last_log_id: meta.last_log_id.clone(),
+        last_log_id: meta.last_log_id,
         last_membership: meta.last_membership.clone(),
     };
     let h = serde_json::to_vec(&header).map_err(|e| io_err("encode snapshot header", e))?;
@@ -162,7 +162,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok((self.last_applied.clone(), self.last_membership.clone()))
+        Ok((self.last_applied, self.last_membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -174,7 +174,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let response = match entry.payload {
                 EntryPayload::Blank => Response(Err(ApiError::BadRequest("blank entry".into()))),
                 EntryPayload::Membership(m) => {
-                    self.last_membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                    self.last_membership = StoredMembership::new(Some(entry.log_id), m);
                     Response(Err(ApiError::BadRequest("membership entry".into())))
                 }
                 EntryPayload::Normal(cmd) => {
@@ -200,7 +200,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             bytes,
             meta: SnapshotMeta {
-                last_log_id: self.last_applied.clone(),
+                last_log_id: self.last_applied,
                 last_membership: self.last_membership.clone(),
             },
             dir: self.dir.clone(),
@@ -214,7 +214,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         write_atomically(&self.dir.join(Self::SNAPSHOT_FILE), &file)?;
         tracing::info!(last_log_id = ?meta.last_log_id, revision = state.revision(), "snapshot installed");
         watch::write(&self.shared).replace(state);
-        self.last_applied = meta.last_log_id.clone();
+        self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
         self.current = Some((meta.clone(), bytes));
         Ok(())

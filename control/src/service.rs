@@ -44,17 +44,15 @@ pub fn held(svc: &Service) -> Held {
         ..Held::default()
     };
     for p in &spec.ports {
-        if let Ok(port) = u16::try_from(p.node_port) {
-            if port != 0 {
+        if let Ok(port) = u16::try_from(p.node_port)
+            && port != 0 {
                 h.node_ports.insert(port);
             }
-        }
     }
-    if let Ok(port) = u16::try_from(spec.health_check_node_port) {
-        if port != 0 {
+    if let Ok(port) = u16::try_from(spec.health_check_node_port)
+        && port != 0 {
             h.node_ports.insert(port);
         }
-    }
     h.lb_ip = svc
         .status
         .as_ref()
@@ -196,15 +194,14 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
                 let unchanged = old
                     .and_then(|o| o.spec.as_ref())
                     .is_some_and(|o| o.cluster_ip == spec.cluster_ip);
-                if !unchanged {
-                    if let Err(e) = a.cluster_ips.check(ip) {
+                if !unchanged
+                    && let Err(e) = a.cluster_ips.check(ip) {
                         errs.invalid(
                             "spec.clusterIP",
                             &spec.cluster_ip,
                             format!("failed to allocate IP {ip}: {e}"),
                         );
                     }
-                }
             }
         }
     }
@@ -306,11 +303,10 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
                 spec.health_check_node_port,
                 "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
             );
-        } else if let Some(o) = old.and_then(|o| o.spec.as_ref()) {
-            if o.health_check_node_port != 0 && o.health_check_node_port != spec.health_check_node_port {
+        } else if let Some(o) = old.and_then(|o| o.spec.as_ref())
+            && o.health_check_node_port != 0 && o.health_check_node_port != spec.health_check_node_port {
                 errs.invalid("spec.healthCheckNodePort", spec.health_check_node_port, "field is immutable");
             }
-        }
     }
 
     let lb_only: [(&str, bool); 4] = [
@@ -329,11 +325,10 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
             Err(_) => errs.invalid("spec.loadBalancerIP", &spec.load_balancer_ip, "must be a valid IP address"),
             Ok(ip) => {
                 let mine = old.map(held).and_then(|h| h.lb_ip) == Some(ip);
-                if !mine {
-                    if let Err(e) = a.lb_ips.check(ip) {
+                if !mine
+                    && let Err(e) = a.lb_ips.check(ip) {
                         errs.invalid("spec.loadBalancerIP", &spec.load_balancer_ip, e.to_string());
                     }
-                }
             }
         }
     }
@@ -422,11 +417,10 @@ fn validate_ports(spec: &ServiceSpec, ty: &str, a: &Allocators, old: Option<&Ser
                     Ok(np) if np != 0 => {
                         // The same port may serve TCP and UDP of one Service.
                         let shared = spec.ports[..i].iter().any(|q| q.node_port == p.node_port);
-                        if !shared {
-                            if let Err(e) = a.node_ports.check(np) {
+                        if !shared
+                            && let Err(e) = a.node_ports.check(np) {
                                 errs.invalid(format!("{path}.nodePort"), p.node_port, e.to_string());
                             }
-                        }
                     }
                     _ => errs.invalid(
                         format!("{path}.nodePort"),

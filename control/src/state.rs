@@ -342,19 +342,17 @@ impl State {
                 };
                 objects::default_pod(&mut pod, old);
                 objects::validate_pod(&pod, &mut errs);
-                if let (Some(old), Some(new)) = (old.and_then(|p| p.spec.as_ref()), pod.spec.as_ref()) {
-                    if !old.node_name.is_empty() && old.node_name != new.node_name {
+                if let (Some(old), Some(new)) = (old.and_then(|p| p.spec.as_ref()), pod.spec.as_ref())
+                    && !old.node_name.is_empty() && old.node_name != new.node_name {
                         errs.invalid("spec.nodeName", &new.node_name, "field is immutable");
                     }
-                }
                 pod.into()
             }
             (Some(object::Kind::Node(mut node)), old) => {
-                if node.status.is_none() {
-                    if let Some(object::Kind::Node(n)) = old {
+                if node.status.is_none()
+                    && let Some(object::Kind::Node(n)) = old {
                         node.status = n.status.clone();
                     }
-                }
                 objects::validate_node(&node, &mut errs);
                 node.into()
             }
@@ -390,11 +388,10 @@ impl State {
         if !changed {
             return Ok(Plan { object: old.cloned().unwrap_or(o), now, result, changed, delete: false, old: None });
         }
-        if old.is_some() {
-            if let Some(m) = o.metadata_mut() {
+        if old.is_some()
+            && let Some(m) = o.metadata_mut() {
                 m.generation += 1;
             }
-        }
         Ok(Plan { object: o, now, result, changed, delete: false, old: old.cloned() })
     }
 
@@ -411,13 +408,12 @@ impl State {
         }
         let Some(svc_name) = meta.labels.get(SERVICE_NAME_LABEL) else { return Ok(()) };
         let ns = if meta.namespace.is_empty() { "default" } else { meta.namespace.as_str() };
-        if let Some(Object { kind: Some(object::Kind::Service(svc)) }) = self.get(Kind::Service, ns, svc_name) {
-            if svc.spec.as_ref().is_some_and(|s| !s.selector.is_empty()) {
+        if let Some(Object { kind: Some(object::Kind::Service(svc)) }) = self.get(Kind::Service, ns, svc_name)
+            && svc.spec.as_ref().is_some_and(|s| !s.selector.is_empty()) {
                 return Err(forbidden(format!(
                     "Service {svc_name:?} has a selector, so its EndpointSlices are derived from its Pods"
                 )));
             }
-        }
         Ok(())
     }
 

@@ -1,3 +1,18 @@
-//! Strait's node agent: watch client, node state, listeners, splice forwarder, DNS.
+//! Strait's node agent: watch client, node state, listeners, splice forwarder.
+//!
+//! [`app::build`] starts it; [`state::NodeState`] is the immutable snapshot
+//! the watch client publishes and every listener reads.
 
+pub mod app;
+pub mod config;
+pub mod drain;
+pub mod forward;
+pub mod listeners;
+pub mod routes;
 pub mod splice;
+pub mod state;
+pub mod watch;
+
+pub use app::{AppError, Bound, build};
+pub use config::{Config, LbPolicy};
+pub use state::NodeState;

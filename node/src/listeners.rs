@@ -146,6 +146,8 @@ impl Reconciler {
             _ = stop.cancelled() => return,
             r = self.state.wait_for(|s| s.is_synced()) => if r.is_err() { return },
         }
+        // A static source drops its sender after the one state it has.
+        let mut source_open = true;
         loop {
             let snapshot = self.state.borrow_and_update().clone();
             self.reconcile(&snapshot).await;
@@ -158,7 +160,7 @@ impl Reconciler {
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
-                r = self.state.changed() => if r.is_err() { break },
+                r = self.state.changed(), if source_open => source_open = r.is_ok(),
                 _ = retry => {}
             }
         }

@@ -1,0 +1,166 @@
+//! Wiring: builds the node agent from a [`Config`] and returns a [`Bound`]
+//! handle with what tests and the CLI need (bound addresses, the state,
+//! shutdown). The state source is a static manifest, or the persisted state
+//! plus the control-plane watch; listeners start with the first full state.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::listeners::{self, Listeners};
+use crate::routes::{RouteCapture, RouteError};
+use crate::state::NodeState;
+use crate::watch::{self as watcher, Registration, WatchError, Watcher};
+
+/// Errors starting the node agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The data directory cannot be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The static manifest, the persisted state or the control addresses.
+    #[error(transparent)]
+    State(#[from] WatchError),
+    /// The service CIDR or LB pool cannot be made local.
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+}
+
+/// A running node agent.
+pub struct Bound {
+    state: watch::Receiver<Arc<NodeState>>,
+    listeners: Listeners,
+    drain: Drain,
+    routes: Option<RouteCapture>,
+    grace: std::time::Duration,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("listeners", &self.listeners.bound())
+            .field("revision", &self.state.borrow().revision())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the agent. Returns once the state source and listeners are set
+/// up; listeners bind when the first full state is available.
+pub async fn build(cfg: Config) -> Result<Bound, AppError> {
+    info!(
+        name = %cfg.name,
+        control = ?cfg.control,
+        node_ip = %cfg.node_ip,
+        data_dir = %cfg.data_dir.display(),
+        config_file = ?cfg.config_file,
+        lb_policy = ?cfg.lb_policy,
+        connect_timeout = ?cfg.connect_timeout,
+        idle_timeout = ?cfg.idle_timeout,
+        service_cidr = ?cfg.service_cidr,
+        lb_pool = ?cfg.lb_pool,
+        capture_routes = cfg.capture_routes,
+        "starting node agent"
+    );
+    let drain = Drain::new();
+
+    let routes = if cfg.capture_routes {
+        Some(RouteCapture::install(
+            cfg.service_cidr.iter().chain(cfg.lb_pool.iter()),
+        )?)
+    } else {
+        None
+    };
+
+    let state = match state_source(&cfg, &drain) {
+        Ok(rx) => rx,
+        Err(e) => {
+            if let Some(mut r) = routes {
+                r.remove();
+            }
+            return Err(e);
+        }
+    };
+    let listeners = listeners::spawn(&cfg, state.clone(), &drain);
+    Ok(Bound {
+        state,
+        listeners,
+        drain,
+        routes,
+        grace: cfg.drain_timeout,
+    })
+}
+
+/// The state channel, fed by the static file or by the persisted state and
+/// the watch (whose tasks are started here).
+fn state_source(
+    cfg: &Config,
+    drain: &Drain,
+) -> Result<watch::Receiver<Arc<NodeState>>, AppError> {
+    if let Some(path) = &cfg.config_file {
+        let state = watcher::load_static(path)?;
+        info!(file = %path.display(), services = state.services().count(), "static mode");
+        let (_tx, rx) = watch::channel(Arc::new(state));
+        return Ok(rx);
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AppError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let initial = match watcher::load_persisted(&cfg.data_dir) {
+        Ok(Some(s)) => {
+            info!(revision = s.revision(), services = s.services().count(), "loaded the persisted state");
+            s
+        }
+        Ok(None) => NodeState::unsynced(),
+        Err(e) => {
+            warn!(error = %e, "ignoring the persisted state, waiting for the control plane");
+            NodeState::unsynced()
+        }
+    };
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    let w = Watcher::new(
+        &cfg.control,
+        Registration {
+            name: cfg.name.clone(),
+            node_ip: cfg.node_ip,
+        },
+        tx,
+    )?;
+    drain.tracker().spawn(w.run(drain.stop_token().clone()));
+    drain.tracker().spawn(watcher::persist_loop(
+        cfg.data_dir.clone(),
+        rx.clone(),
+        drain.stop_token().clone(),
+    ));
+    Ok(rx)
+}
+
+impl Bound {
+    /// The addresses listening right now.
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        self.listeners.bound()
+    }
+
+    /// The latest state, and every later one.
+    pub fn state(&self) -> watch::Receiver<Arc<NodeState>> {
+        self.state.clone()
+    }
+
+    /// Stops accepting and watching, lets open connections finish for
+    /// `drain_timeout`, then cuts them and removes captured routes.
+    pub async fn shutdown(mut self) {
+        info!("node agent shutting down");
+        self.drain.shutdown(self.grace).await;
+        if let Some(r) = self.routes.as_mut() {
+            r.remove();
+        }
+    }
+}

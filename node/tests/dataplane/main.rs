@@ -1,0 +1,236 @@
+//! The node agent's data plane end to end on loopback: static-mode state,
+//! listeners, endpoint choice, retries and connection lifetime across
+//! state changes; plus the watch client against a scripted control plane.
+
+mod fake_control;
+mod helpers;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use helpers::{Echo, closed_without_data, connect_echo, dead_port, eventually, manifest, roundtrip};
+use strait_node::drain::Drain;
+use strait_node::{Config, NodeState, listeners};
+use tokio::sync::watch;
+
+fn static_config(dir: &Path, yaml: &str) -> Config {
+    let file = dir.join("services.yaml");
+    std::fs::write(&file, yaml).expect("write manifest");
+    Config {
+        name: "test-node".into(),
+        control: vec![],
+        data_dir: dir.join("data"),
+        config_file: Some(file),
+        connect_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_millis(100),
+        ..Config::default()
+    }
+}
+
+async fn wait_bound(listeners: impl Fn() -> Vec<SocketAddr>, addr: SocketAddr) {
+    eventually(&format!("listener on {addr}"), || {
+        let bound = listeners();
+        async move { bound.contains(&addr) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_mode_balances_over_every_backend() {
+    let backends = [Echo::start().await, Echo::start().await, Echo::start().await];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = static_config(dir.path(), &manifest("echo", "127.77.0.10", 9090, &addrs));
+    let vip: SocketAddr = "127.77.0.10:9090".parse().expect("vip");
+
+    let agent = strait_node::build(cfg).await.expect("build");
+    wait_bound(|| agent.listeners(), vip).await;
+
+    // Held open at once, least-connections spreads them over all three.
+    let mut conns = Vec::new();
+    for _ in 0..30 {
+        conns.push(connect_echo(vip).await);
+    }
+    let counts: Vec<usize> = backends.iter().map(Echo::accepted).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 30, "{counts:?}");
+    assert!(counts.iter().all(|c| *c > 0), "unbalanced: {counts:?}");
+    for c in &mut conns {
+        roundtrip(c, b"still there\n").await;
+    }
+    drop(conns);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_backend_costs_no_client_connection() {
+    let live = [Echo::start().await, Echo::start().await];
+    let closing = Echo::start().await;
+    let dead = dead_port().await;
+    let addrs = [live[0].addr, live[1].addr, closing.addr, dead];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = static_config(dir.path(), &manifest("retry", "127.77.0.11", 9090, &addrs));
+    let vip: SocketAddr = "127.77.0.11:9090".parse().expect("vip");
+
+    let agent = strait_node::build(cfg).await.expect("build");
+    wait_bound(|| agent.listeners(), vip).await;
+    let mut kept = connect_echo(vip).await;
+    closing.close_listener().await;
+
+    // Two of four endpoints refuse; every client connection still works.
+    for _ in 0..40 {
+        let mut s = connect_echo(vip).await;
+        roundtrip(&mut s, b"again\n").await;
+    }
+    assert!(live.iter().all(|b| b.accepted() > 0));
+    roundtrip(&mut kept, b"kept\n").await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_endpoints_closes_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dead = dead_port().await;
+    let yaml = format!(
+        "{}---\n{}",
+        manifest("empty", "127.77.0.12", 9090, &[]),
+        manifest("dead", "127.77.0.13", 9090, &[dead])
+    );
+    let cfg = static_config(dir.path(), &yaml);
+    let agent = strait_node::build(cfg).await.expect("build");
+    for vip in ["127.77.0.12:9090", "127.77.0.13:9090"] {
+        let vip: SocketAddr = vip.parse().expect("vip");
+        wait_bound(|| agent.listeners(), vip).await;
+        assert!(closed_without_data(vip).await, "{vip} answered");
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_never_cut_open_connections() {
+    let a = Echo::start().await;
+    let b = Echo::start().await;
+    let vip: SocketAddr = "127.77.0.14:9090".parse().expect("vip");
+    let state_of = |eps: &[SocketAddr]| {
+        let objects = strait_proto::manifest::parse(&manifest("drain", "127.77.0.14", 9090, eps))
+            .expect("manifest");
+        Arc::new(NodeState::from_objects(objects, 1))
+    };
+    let cfg = Config {
+        name: "test-node".into(),
+        ..Config::default()
+    };
+    let (tx, rx) = watch::channel(Arc::new(NodeState::unsynced()));
+    let drain = Drain::new();
+    let ls = listeners::spawn(&cfg, rx, &drain);
+    assert!(ls.bound().is_empty(), "bound before the first full state");
+
+    tx.send_replace(state_of(&[a.addr]));
+    wait_bound(|| ls.bound(), vip).await;
+    let mut on_a = connect_echo(vip).await;
+    assert_eq!(a.accepted(), 1);
+
+    // Endpoint a removed: new connections go to b, the open one stays.
+    tx.send_replace(state_of(&[b.addr]));
+    eventually("new connections reaching b", || async {
+        connect_echo(vip).await;
+        b.accepted() > 0
+    })
+    .await;
+    roundtrip(&mut on_a, b"after endpoint removal\n").await;
+
+    // No endpoints at all: new connections are refused, the open one stays.
+    tx.send_replace(state_of(&[]));
+    eventually("connections refused", || closed_without_data(vip)).await;
+    roundtrip(&mut on_a, b"after last endpoint removal\n").await;
+
+    // Service gone: the listener closes, the open connection stays.
+    tx.send_replace(Arc::new(NodeState::from_objects(vec![], 2)));
+    eventually("listener closed", || {
+        let bound = ls.bound();
+        async move { !bound.contains(&vip) }
+    })
+    .await;
+    roundtrip(&mut on_a, b"after listener removal\n").await;
+
+    // And it comes back on the same address.
+    tx.send_replace(state_of(&[a.addr]));
+    wait_bound(|| ls.bound(), vip).await;
+    connect_echo(vip).await;
+    roundtrip(&mut on_a, b"after rebind\n").await;
+
+    drop(on_a);
+    drain.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_resumes_relists_and_persists() {
+    let a = Echo::start().await;
+    let b = Echo::start().await;
+    let vip: SocketAddr = "127.77.0.15:9090".parse().expect("vip");
+    let objects = |eps: &[SocketAddr]| {
+        strait_proto::manifest::parse(&manifest("watched", "127.77.0.15", 9090, eps)).expect("manifest")
+    };
+    let control = fake_control::FakeControl::start().await;
+    // 1st watch: the full state at revision 5, then the stream breaks.
+    control.script_initial(5, objects(&[a.addr]), false);
+    // 2nd (resume from 5): history compacted.
+    control.script_compacted();
+    // 3rd (re-list): the full state at 9 with endpoint b, kept open.
+    control.script_initial(9, objects(&[b.addr]), true);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = Config {
+        name: "test-node".into(),
+        control: vec![control.addr.to_string()],
+        data_dir: dir.path().join("data"),
+        connect_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let agent = strait_node::build(cfg.clone()).await.expect("build");
+    let state = agent.state();
+    eventually("revision 9", || {
+        let rev = state.borrow().revision();
+        async move { rev == 9 }
+    })
+    .await;
+    assert_eq!(control.watch_revisions(), [0, 5, 0]);
+    wait_bound(|| agent.listeners(), vip).await;
+    connect_echo(vip).await;
+    assert_eq!(b.accepted(), 1);
+    eventually("node registered", || {
+        let nodes = control.registered_nodes();
+        async move { nodes.contains(&"test-node".to_string()) }
+    })
+    .await;
+    let data_dir = cfg.data_dir.clone();
+    eventually("state persisted at revision 9", || {
+        let persisted = strait_node::watch::load_persisted(&data_dir)
+            .ok()
+            .flatten()
+            .map(|s| s.revision());
+        async move { persisted == Some(9) }
+    })
+    .await;
+    agent.shutdown().await;
+    control.stop().await;
+
+    // Static stability: with the control plane gone, a restarted agent
+    // forwards from the persisted state.
+    let gone = dead_port().await;
+    let restarted = strait_node::build(Config {
+        control: vec![gone.to_string()],
+        ..cfg
+    })
+    .await
+    .expect("rebuild");
+    wait_bound(|| restarted.listeners(), vip).await;
+    connect_echo(vip).await;
+    assert_eq!(b.accepted(), 2);
+    let seen: HashSet<u64> = [restarted.state().borrow().revision()].into();
+    assert_eq!(seen, [9].into());
+    restarted.shutdown().await;
+}
