@@ -402,7 +402,7 @@ fn port_info(p: &ServicePort, slices: &[&EndpointSlice], all_ready: bool) -> Opt
             let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
-            let cond = ep.conditions.clone().unwrap_or_default();
+            let cond = ep.conditions.unwrap_or_default();
             let ready = all_ready || cond.ready.unwrap_or(true);
             let e = Endpoint {
                 addr: SocketAddr::new(ip, target),

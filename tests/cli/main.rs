@@ -321,3 +321,4 @@ fn concurrent_applies_get_distinct_allocations() {
 }
 
 mod watch;
+mod dev;
