@@ -23,7 +23,11 @@ impl Client {
     async fn channel(&self) -> anyhow::Result<Channel> {
         let mut last = None;
         for s in &self.servers {
-            let uri = if s.contains("://") { s.clone() } else { format!("http://{s}") };
+            let uri = if s.contains("://") {
+                s.clone()
+            } else {
+                format!("http://{s}")
+            };
             let ep = Endpoint::from_shared(uri.clone())
                 .with_context(|| format!("invalid server address {s:?}"))?
                 .connect_timeout(Duration::from_secs(2))
@@ -66,5 +70,9 @@ pub fn reason(status: &tonic::Status) -> &'static str {
 
 /// An RPC error for the operator: `Error from server (Invalid): ...`.
 pub fn server_error(status: tonic::Status) -> anyhow::Error {
-    anyhow!("Error from server ({}): {}", reason(&status), status.message())
+    anyhow!(
+        "Error from server ({}): {}",
+        reason(&status),
+        status.message()
+    )
 }

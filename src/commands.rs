@@ -57,13 +57,20 @@ fn read_sources(files: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
     for f in files {
         if f.as_os_str() == "-" {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading stdin")?;
             out.push(("STDIN".to_string(), s));
         } else if f.is_dir() {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(f)
                 .with_context(|| format!("reading directory {}", f.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+                .filter(|p| {
+                    matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("yaml" | "yml" | "json")
+                    )
+                })
                 .collect();
             entries.sort();
             for p in entries {
@@ -77,7 +84,12 @@ fn read_sources(files: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 fn read_file(p: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(p).with_context(|| format!("the path {:?} does not exist or cannot be read", p.display().to_string()))
+    std::fs::read_to_string(p).with_context(|| {
+        format!(
+            "the path {:?} does not exist or cannot be read",
+            p.display().to_string()
+        )
+    })
 }
 
 fn reference(o: &Object) -> String {
@@ -109,7 +121,12 @@ pub async fn apply(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
             match r.apply(ApplyRequest { object: Some(o) }).await {
                 Ok(resp) => println!("{what} {}", resp.into_inner().result),
                 Err(status) => {
-                    eprintln!("{}", server_error(status).context(format!("error when applying {what} from {source:?}")).root_cause());
+                    eprintln!(
+                        "{}",
+                        server_error(status)
+                            .context(format!("error when applying {what} from {source:?}"))
+                            .root_cause()
+                    );
                     failures += 1;
                 }
             }
@@ -126,7 +143,11 @@ fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
 }
 
 fn namespace_for(kind: Kind, ns: Option<&str>) -> String {
-    if kind.namespaced() { ns.unwrap_or("default").to_string() } else { String::new() }
+    if kind.namespaced() {
+        ns.unwrap_or("default").to_string()
+    } else {
+        String::new()
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -141,21 +162,34 @@ pub async fn get(
 ) -> anyhow::Result<()> {
     let kind = parse_kind(kind)?;
     let mut rpc = client.resources().await?;
-    let ns = if all { String::new() } else { namespace_for(kind, namespace) };
+    let ns = if all {
+        String::new()
+    } else {
+        namespace_for(kind, namespace)
+    };
     let items: Vec<Object> = match name {
         Some(n) => {
             let resp = rpc
-                .get(GetRequest { kind: kind.to_string(), namespace: ns.clone(), name: n.to_string(), consistency: consistency.into() })
+                .get(GetRequest {
+                    kind: kind.to_string(),
+                    namespace: ns.clone(),
+                    name: n.to_string(),
+                    consistency: consistency.into(),
+                })
                 .await
                 .map_err(server_error)?;
             resp.into_inner().object.into_iter().collect()
         }
         None => {
-            rpc.list(ListRequest { kind: kind.to_string(), namespace: ns.clone(), consistency: consistency.into() })
-                .await
-                .map_err(server_error)?
-                .into_inner()
-                .items
+            rpc.list(ListRequest {
+                kind: kind.to_string(),
+                namespace: ns.clone(),
+                consistency: consistency.into(),
+            })
+            .await
+            .map_err(server_error)?
+            .into_inner()
+            .items
         }
     };
     match format {
@@ -179,17 +213,30 @@ pub async fn get(
                 eprintln!("No resources found in {ns} namespace.");
             }
         }
-        f => print!("{}", output::table(kind, &items, all, f == Some(Format::Wide))),
+        f => print!(
+            "{}",
+            output::table(kind, &items, all, f == Some(Format::Wide))
+        ),
     }
     Ok(())
 }
 
-pub async fn describe(client: &Client, kind: &str, name: &str, namespace: Option<&str>) -> anyhow::Result<()> {
+pub async fn describe(
+    client: &Client,
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<()> {
     let kind = parse_kind(kind)?;
     let ns = namespace_for(kind, namespace);
     let mut rpc = client.resources().await?;
     let o = rpc
-        .get(GetRequest { kind: kind.to_string(), namespace: ns.clone(), name: name.to_string(), consistency: 0 })
+        .get(GetRequest {
+            kind: kind.to_string(),
+            namespace: ns.clone(),
+            name: name.to_string(),
+            consistency: 0,
+        })
         .await
         .map_err(server_error)?
         .into_inner()
@@ -198,13 +245,22 @@ pub async fn describe(client: &Client, kind: &str, name: &str, namespace: Option
     match &o.kind {
         Some(object::Kind::Service(s)) => {
             let slices: Vec<Object> = rpc
-                .list(ListRequest { kind: "EndpointSlice".into(), namespace: ns, consistency: 0 })
+                .list(ListRequest {
+                    kind: "EndpointSlice".into(),
+                    namespace: ns,
+                    consistency: 0,
+                })
                 .await
                 .map_err(server_error)?
                 .into_inner()
                 .items
                 .into_iter()
-                .filter(|e| e.metadata().and_then(|m| m.labels.get("kubernetes.io/service-name")).map(String::as_str) == Some(name))
+                .filter(|e| {
+                    e.metadata()
+                        .and_then(|m| m.labels.get("kubernetes.io/service-name"))
+                        .map(String::as_str)
+                        == Some(name)
+                })
                 .collect();
             print!("{}", output::describe_service(&o, s, &slices));
         }
@@ -226,10 +282,15 @@ pub async fn delete(
             bail!("use either -f FILE or KIND NAME, not both");
         }
         for (source, text) in read_sources(files)? {
-            let objects = strait_proto::manifest::parse(&text).with_context(|| format!("error validating {source:?}"))?;
+            let objects = strait_proto::manifest::parse(&text)
+                .with_context(|| format!("error validating {source:?}"))?;
             for o in objects {
                 if let Some(k) = o.kind() {
-                    let ns = if k.namespaced() && o.namespace().is_empty() { namespace_for(k, namespace) } else { o.namespace().to_string() };
+                    let ns = if k.namespaced() && o.namespace().is_empty() {
+                        namespace_for(k, namespace)
+                    } else {
+                        o.namespace().to_string()
+                    };
                     targets.push((k, ns, o.name().to_string()));
                 }
             }
@@ -245,7 +306,12 @@ pub async fn delete(
     let mut failures = 0;
     for (kind, ns, name) in targets {
         match rpc
-            .delete(DeleteRequest { kind: kind.to_string(), namespace: ns, name: name.clone(), resource_version: String::new() })
+            .delete(DeleteRequest {
+                kind: kind.to_string(),
+                namespace: ns,
+                name: name.clone(),
+                resource_version: String::new(),
+            })
             .await
         {
             Ok(_) => println!("{} {name:?} deleted", kind.resource()),
@@ -265,9 +331,16 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
     let mut rpc = client.cluster().await?;
     match cmd {
         ClusterCommand::Status => {
-            let s = rpc.status(ClusterStatusRequest {}).await.map_err(server_error)?.into_inner();
+            let s = rpc
+                .status(ClusterStatusRequest {})
+                .await
+                .map_err(server_error)?
+                .into_inner();
             println!("leader: {}   revision: {}", s.leader_id, s.revision);
-            println!("{:<4} {:<22} {:<9} {:<6} {:>9} {:>9}  VOTER", "ID", "ADDRESS", "ROLE", "TERM", "LAST-LOG", "APPLIED");
+            println!(
+                "{:<4} {:<22} {:<9} {:<6} {:>9} {:>9}  VOTER",
+                "ID", "ADDRESS", "ROLE", "TERM", "LAST-LOG", "APPLIED"
+            );
             for m in s.members {
                 println!(
                     "{:<4} {:<22} {:<9} {:<6} {:>9} {:>9}  {}",
@@ -276,11 +349,19 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
             }
         }
         ClusterCommand::AddMember { id, address } => {
-            let r = rpc.add_member(AddMemberRequest { id, address }).await.map_err(server_error)?.into_inner();
+            let r = rpc
+                .add_member(AddMemberRequest { id, address })
+                .await
+                .map_err(server_error)?
+                .into_inner();
             println!("member {id} added; voters: {:?}", r.voters);
         }
         ClusterCommand::RemoveMember { id } => {
-            let r = rpc.remove_member(RemoveMemberRequest { id }).await.map_err(server_error)?.into_inner();
+            let r = rpc
+                .remove_member(RemoveMemberRequest { id })
+                .await
+                .map_err(server_error)?
+                .into_inner();
             println!("member {id} removed; voters: {:?}", r.voters);
         }
     }

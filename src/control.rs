@@ -51,7 +51,10 @@ pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
         let (id, addr) = part
             .split_once('=')
             .with_context(|| format!("--peers entry {part:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id.trim().parse().with_context(|| format!("--peers entry {part:?}: id is not a number"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("--peers entry {part:?}: id is not a number"))?;
         if out.insert(id, addr.trim().to_string()).is_some() {
             bail!("--peers names id {id} twice");
         }
@@ -80,7 +83,9 @@ impl ControlArgs {
 pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let cfg = args.config()?;
     tracing::info!(config = ?cfg, "starting control replica");
-    let mut bound = app::build(cfg).await.context("starting the control plane")?;
+    let mut bound = app::build(cfg)
+        .await
+        .context("starting the control plane")?;
     // Printed for scripts and tests that start on port 0.
     println!("listening on {}", bound.addr);
     tokio::select! {

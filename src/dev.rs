@@ -16,11 +16,26 @@ use tokio::net::TcpListener;
 
 /// The example manifests, as shipped in `examples/`.
 const EXAMPLES: &[(&str, &str)] = &[
-    ("backend-pods.yaml", include_str!("../examples/backend-pods.yaml")),
-    ("backend-svc.yaml", include_str!("../examples/backend-svc.yaml")),
-    ("db-externalname.yaml", include_str!("../examples/db-externalname.yaml")),
-    ("frontend-nodeport.yaml", include_str!("../examples/frontend-nodeport.yaml")),
-    ("web-loadbalancer.yaml", include_str!("../examples/web-loadbalancer.yaml")),
+    (
+        "backend-pods.yaml",
+        include_str!("../examples/backend-pods.yaml"),
+    ),
+    (
+        "backend-svc.yaml",
+        include_str!("../examples/backend-svc.yaml"),
+    ),
+    (
+        "db-externalname.yaml",
+        include_str!("../examples/db-externalname.yaml"),
+    ),
+    (
+        "frontend-nodeport.yaml",
+        include_str!("../examples/frontend-nodeport.yaml"),
+    ),
+    (
+        "web-loadbalancer.yaml",
+        include_str!("../examples/web-loadbalancer.yaml"),
+    ),
 ];
 
 #[derive(Args, Debug)]
@@ -46,16 +61,23 @@ pub struct DevArgs {
 /// A demo workload: answers any request with one line naming itself, as an
 /// HTTP response so both `curl` and `nc` show it.
 async fn demo_backend(addr: SocketAddr, who: String) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding demo backend {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding demo backend {addr}"))?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let who = who.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
                 let body = format!("hello from {who}\n");
-                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = sock.write_all(resp.as_bytes()).await;
                 let _ = sock.shutdown().await;
             });
@@ -70,10 +92,20 @@ fn pod(name: &str, app: &str, node: &str, ip: &str, port_name: &str, port: u16) 
     )
 }
 
-async fn apply_all(client: &mut ResourcesClient<tonic::transport::Channel>, text: &str) -> anyhow::Result<()> {
+async fn apply_all(
+    client: &mut ResourcesClient<tonic::transport::Channel>,
+    text: &str,
+) -> anyhow::Result<()> {
     for o in strait_proto::manifest::parse(text)? {
-        let what = format!("{}/{}", o.kind().map(|k| k.resource()).unwrap_or("object"), o.name());
-        let r = client.apply(ApplyRequest { object: Some(o) }).await.map_err(crate::client::server_error)?;
+        let what = format!(
+            "{}/{}",
+            o.kind().map(|k| k.resource()).unwrap_or("object"),
+            o.name()
+        );
+        let r = client
+            .apply(ApplyRequest { object: Some(o) })
+            .await
+            .map_err(crate::client::server_error)?;
         println!("  {what} {}", r.into_inner().result);
     }
     Ok(())
@@ -81,7 +113,10 @@ async fn apply_all(client: &mut ResourcesClient<tonic::transport::Channel>, text
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if !args.service_cidr.addr().is_loopback() {
-        bail!("strait dev keeps every range inside 127.0.0.0/8; --service-cidr {} is not", args.service_cidr);
+        bail!(
+            "strait dev keeps every range inside 127.0.0.0/8; --service-cidr {} is not",
+            args.service_cidr
+        );
     }
     let cfg = strait_control::app::Config {
         data_dir: args.data_dir.join("control"),
@@ -90,7 +125,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         lb_pool: args.lb_pool.clone(),
         ..Default::default()
     };
-    let control = strait_control::app::build(cfg).await.context("starting the control plane")?;
+    let control = strait_control::app::build(cfg)
+        .await
+        .context("starting the control plane")?;
     strait_control::app::wait_for_leader(&control.raft, Duration::from_secs(30))
         .await
         .context("the control plane elected no leader")?;
@@ -107,9 +144,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         capture_routes: false,
         ..Default::default()
     };
-    let agent = strait_node::app::build(node).await.context("starting the node agent")?;
+    let agent = strait_node::app::build(node)
+        .await
+        .context("starting the node agent")?;
 
-    let mut client = ResourcesClient::connect(format!("http://{server}")).await.context("connecting to the control plane")?;
+    let mut client = ResourcesClient::connect(format!("http://{server}"))
+        .await
+        .context("connecting to the control plane")?;
     println!("Applying the example manifests:");
     let node2 = "apiVersion: v1\nkind: Node\nmetadata: {name: node-2}\nstatus:\n  addresses: [{type: InternalIP, address: 127.0.0.2}]\n  conditions: [{type: Ready, status: \"True\"}]\n";
     apply_all(&mut client, node2).await?;
@@ -125,8 +166,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     for (i, ip) in ["127.0.1.1", "127.0.1.2"].iter().enumerate() {
         let addr: SocketAddr = format!("{ip}:{fport}").parse()?;
         match demo_backend(addr, format!("frontend-{}", i + 1)).await {
-            Ok(()) => frontends.push(pod(&format!("frontend-{}", i + 1), "frontend", "node-1", ip, "http", fport)),
-            Err(e) => println!("  (frontend demo skipped: {e:#}; run as root or pass --frontend-port)"),
+            Ok(()) => frontends.push(pod(
+                &format!("frontend-{}", i + 1),
+                "frontend",
+                "node-1",
+                ip,
+                "http",
+                fport,
+            )),
+            Err(e) => {
+                println!("  (frontend demo skipped: {e:#}; run as root or pass --frontend-port)")
+            }
         }
     }
     for p in &frontends {
@@ -134,31 +184,51 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let services = client
-        .list(ListRequest { kind: "Service".into(), namespace: "default".into(), consistency: 0 })
+        .list(ListRequest {
+            kind: "Service".into(),
+            namespace: "default".into(),
+            consistency: 0,
+        })
         .await
         .map_err(crate::client::server_error)?
         .into_inner()
         .items;
     let find = |name: &str| -> Option<strait_proto::v1::Service> {
-        services.iter().find(|o: &&Object| o.name() == name).and_then(|o| match &o.kind {
-            Some(object::Kind::Service(s)) => Some(s.clone()),
-            _ => None,
-        })
+        services
+            .iter()
+            .find(|o: &&Object| o.name() == name)
+            .and_then(|o| match &o.kind {
+                Some(object::Kind::Service(s)) => Some(s.clone()),
+                _ => None,
+            })
     };
-    let ip = |name: &str| find(name).and_then(|s| s.spec).map(|s| s.cluster_ip).unwrap_or_default();
+    let ip = |name: &str| {
+        find(name)
+            .and_then(|s| s.spec)
+            .map(|s| s.cluster_ip)
+            .unwrap_or_default()
+    };
     let lb = find("web-lb")
         .and_then(|s| s.status)
         .and_then(|s| s.load_balancer)
         .and_then(|l| l.ingress.first().map(|i| i.ip.clone()))
         .unwrap_or_else(|| "<pending>".into());
     println!();
-    println!("Strait dev cluster is up: control plane on {server}, node agent node-1 on 127.0.0.1.");
+    println!(
+        "Strait dev cluster is up: control plane on {server}, node agent node-1 on 127.0.0.1."
+    );
     println!("Try:");
     println!("  strait --server {server} get svc");
-    println!("  curl http://{}:9090/      # ClusterIP backend-svc, balanced over backend-1 and backend-2", ip("backend-svc"));
+    println!(
+        "  curl http://{}:9090/      # ClusterIP backend-svc, balanced over backend-1 and backend-2",
+        ip("backend-svc")
+    );
     println!("  curl http://127.0.0.1:31000/    # NodePort frontend-svc");
     println!("  curl http://{lb}:8080/     # LoadBalancer web-lb");
-    println!("Data in {}; Ctrl-C stops everything.", args.data_dir.display());
+    println!(
+        "Data in {}; Ctrl-C stops everything.",
+        args.data_dir.display()
+    );
     crate::control::shutdown_signal().await;
     agent.shutdown().await;
     control.shutdown().await;

@@ -20,7 +20,13 @@ use clap::{Parser, Subcommand};
 struct Cli {
     /// Control-plane replicas to talk to (comma-separated host:port); the
     /// CLI moves to the next one when one is unreachable.
-    #[arg(long, global = true, env = "STRAIT_SERVER", default_value = "127.0.0.1:7700", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "STRAIT_SERVER",
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ','
+    )]
     server: Vec<String>,
 
     /// Log as JSON lines instead of text.
@@ -89,8 +95,11 @@ enum Command {
 
 fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("STRAIT_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("STRAIT_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,h2=warn,tower=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -116,14 +125,44 @@ async fn main() -> ExitCode {
             dev::run(args).await
         }
         Command::Apply { files } => commands::apply(&client, &files).await,
-        Command::Get { kind, name, namespace, all_namespaces, output, consistency } => {
-            commands::get(&client, &kind, name.as_deref(), namespace.as_deref(), all_namespaces, output, consistency).await
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+            consistency,
+        } => {
+            commands::get(
+                &client,
+                &kind,
+                name.as_deref(),
+                namespace.as_deref(),
+                all_namespaces,
+                output,
+                consistency,
+            )
+            .await
         }
-        Command::Describe { kind, name, namespace } => {
-            commands::describe(&client, &kind, &name, namespace.as_deref()).await
-        }
-        Command::Delete { files, kind, name, namespace } => {
-            commands::delete(&client, &files, kind.as_deref(), name.as_deref(), namespace.as_deref()).await
+        Command::Describe {
+            kind,
+            name,
+            namespace,
+        } => commands::describe(&client, &kind, &name, namespace.as_deref()).await,
+        Command::Delete {
+            files,
+            kind,
+            name,
+            namespace,
+        } => {
+            commands::delete(
+                &client,
+                &files,
+                kind.as_deref(),
+                name.as_deref(),
+                namespace.as_deref(),
+            )
+            .await
         }
         Command::Cluster { command } => commands::cluster(&client, command).await,
     };

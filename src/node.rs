@@ -68,7 +68,9 @@ impl NodeArgs {
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let cfg = args.config();
     tracing::info!(config = ?cfg, "starting node agent");
-    let bound = strait_node::app::build(cfg).await.context("starting the node agent")?;
+    let bound = strait_node::app::build(cfg)
+        .await
+        .context("starting the node agent")?;
     crate::control::shutdown_signal().await;
     tracing::info!("shutting down");
     bound.shutdown().await;

@@ -26,7 +26,10 @@ pub fn prune(v: Value) -> Option<Value> {
             (!a.is_empty()).then_some(Value::Array(a))
         }
         Value::Object(m) => {
-            let m: serde_json::Map<String, Value> = m.into_iter().filter_map(|(k, v)| prune(v).map(|v| (k, v))).collect();
+            let m: serde_json::Map<String, Value> = m
+                .into_iter()
+                .filter_map(|(k, v)| prune(v).map(|v| (k, v)))
+                .collect();
             (!m.is_empty()).then_some(Value::Object(m))
         }
         other => Some(other),
@@ -44,8 +47,13 @@ pub fn to_yaml(v: &Value) -> anyhow::Result<String> {
 
 /// kubectl's AGE column: 45s, 12m, 3h, 5d.
 pub fn age(created: &str) -> String {
-    let Ok(t) = humantime::parse_rfc3339(created) else { return "<unknown>".into() };
-    let secs = SystemTime::now().duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
+    let Ok(t) = humantime::parse_rfc3339(created) else {
+        return "<unknown>".into();
+    };
+    let secs = SystemTime::now()
+        .duration_since(t)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -55,7 +63,9 @@ pub fn age(created: &str) -> String {
 }
 
 fn created(o: &Object) -> &str {
-    o.metadata().map(|m| m.creation_timestamp.as_str()).unwrap_or("")
+    o.metadata()
+        .map(|m| m.creation_timestamp.as_str())
+        .unwrap_or("")
 }
 
 fn or_none(s: String) -> String {
@@ -81,12 +91,27 @@ fn svc_ports(s: &Service) -> String {
 fn svc_row(s: &Service, wide: bool) -> Vec<String> {
     let spec = s.spec.clone().unwrap_or_default();
     let ty = spec.r#type.clone();
-    let cluster_ip = if ty == "ExternalName" { "<none>".into() } else { or_none(spec.cluster_ip.clone()) };
+    let cluster_ip = if ty == "ExternalName" {
+        "<none>".into()
+    } else {
+        or_none(spec.cluster_ip.clone())
+    };
     let ingress: Vec<String> = s
         .status
         .as_ref()
         .and_then(|st| st.load_balancer.as_ref())
-        .map(|lb| lb.ingress.iter().map(|i| if i.ip.is_empty() { i.hostname.clone() } else { i.ip.clone() }).collect())
+        .map(|lb| {
+            lb.ingress
+                .iter()
+                .map(|i| {
+                    if i.ip.is_empty() {
+                        i.hostname.clone()
+                    } else {
+                        i.ip.clone()
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let external = match ty.as_str() {
         "ExternalName" => spec.external_name.clone(),
@@ -98,7 +123,11 @@ fn svc_row(s: &Service, wide: bool) -> Vec<String> {
     let mut row = vec![cluster_ip, external, svc_ports(s)];
     row.insert(0, ty);
     if wide {
-        let sel: Vec<String> = spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let sel: Vec<String> = spec
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         row.push(String::new()); // AGE placeholder, replaced below
         row.push(or_none(sel.join(",")));
     }
@@ -108,12 +137,24 @@ fn svc_row(s: &Service, wide: bool) -> Vec<String> {
 fn pod_row(p: &Pod) -> Vec<String> {
     let ready = strait_ready(p);
     let status = p.status.clone().unwrap_or_default();
-    let terminating = p.metadata.as_ref().is_some_and(|m| !m.deletion_timestamp.is_empty());
+    let terminating = p
+        .metadata
+        .as_ref()
+        .is_some_and(|m| !m.deletion_timestamp.is_empty());
     vec![
         if ready { "1/1" } else { "0/1" }.into(),
-        if terminating { "Terminating".into() } else { or_none(status.phase.clone()) },
+        if terminating {
+            "Terminating".into()
+        } else {
+            or_none(status.phase.clone())
+        },
         or_none(status.pod_ip.clone()),
-        or_none(p.spec.as_ref().map(|s| s.node_name.clone()).unwrap_or_default()),
+        or_none(
+            p.spec
+                .as_ref()
+                .map(|s| s.node_name.clone())
+                .unwrap_or_default(),
+        ),
     ]
 }
 
@@ -126,8 +167,17 @@ fn strait_ready(p: &Pod) -> bool {
 
 fn node_row(n: &Node) -> Vec<String> {
     let status = n.status.clone().unwrap_or_default();
-    let ready = status.conditions.iter().find(|c| c.r#type == "Ready").map(|c| c.status.as_str());
-    let ip = status.addresses.iter().find(|a| a.r#type == "InternalIP").map(|a| a.address.clone()).unwrap_or_default();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Ready")
+        .map(|c| c.status.as_str());
+    let ip = status
+        .addresses
+        .iter()
+        .find(|a| a.r#type == "InternalIP")
+        .map(|a| a.address.clone())
+        .unwrap_or_default();
     vec![
         match ready {
             Some("True") => "Ready".into(),
@@ -139,20 +189,40 @@ fn node_row(n: &Node) -> Vec<String> {
 }
 
 fn slice_row(s: &EndpointSlice) -> Vec<String> {
-    let ports: Vec<String> = s.ports.iter().filter_map(|p| p.port).map(|p| p.to_string()).collect();
-    let addrs: Vec<String> = s.endpoints.iter().flat_map(|e| e.addresses.iter().cloned()).collect();
+    let ports: Vec<String> = s
+        .ports
+        .iter()
+        .filter_map(|p| p.port)
+        .map(|p| p.to_string())
+        .collect();
+    let addrs: Vec<String> = s
+        .endpoints
+        .iter()
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect();
     let shown = if addrs.len() > 3 {
         format!("{} + {} more...", addrs[..3].join(","), addrs.len() - 3)
     } else {
         addrs.join(",")
     };
-    vec![s.address_type.clone(), or_none(ports.join(",")), or_none(shown)]
+    vec![
+        s.address_type.clone(),
+        or_none(ports.join(",")),
+        or_none(shown),
+    ]
 }
 
 /// The table for `objects` of `kind`.
 pub fn table(kind: Kind, objects: &[Object], all_namespaces: bool, wide: bool) -> String {
     let mut header: Vec<&str> = match kind {
-        Kind::Service => vec!["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
+        Kind::Service => vec![
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE",
+        ],
         Kind::Pod => vec!["NAME", "READY", "STATUS", "IP", "NODE", "AGE"],
         Kind::Node => vec!["NAME", "STATUS", "INTERNAL-IP", "AGE"],
         Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
@@ -187,11 +257,20 @@ pub fn table(kind: Kind, objects: &[Object], all_namespaces: bool, wide: bool) -
         rows.push(cells);
     }
     let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }
@@ -202,8 +281,16 @@ pub fn table(kind: Kind, objects: &[Object], all_namespaces: bool, wide: bool) -
 pub fn describe_service(o: &Object, s: &Service, slices: &[Object]) -> String {
     let meta = s.metadata.clone().unwrap_or_default();
     let spec = s.spec.clone().unwrap_or_default();
-    let labels: Vec<String> = meta.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let sel: Vec<String> = spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let labels: Vec<String> = meta
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let sel: Vec<String> = spec
+        .selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{:<25}{}\n", format!("{k}:"), v));
     line("Name", meta.name.clone());
@@ -222,7 +309,11 @@ pub fn describe_service(o: &Object, s: &Service, slices: &[Object]) -> String {
         }
     }
     for p in &spec.ports {
-        let name = if p.name.is_empty() { "<unset>".to_string() } else { p.name.clone() };
+        let name = if p.name.is_empty() {
+            "<unset>".to_string()
+        } else {
+            p.name.clone()
+        };
         line("Port", format!("{name}  {}/{}", p.port, p.protocol));
         let target = match p.target_port.as_ref().and_then(|t| t.value.as_ref()) {
             Some(int_or_string::Value::IntVal(v)) => format!("{v}/{}", p.protocol),
@@ -231,7 +322,10 @@ pub fn describe_service(o: &Object, s: &Service, slices: &[Object]) -> String {
         };
         line("TargetPort", target);
         if p.node_port != 0 {
-            line("NodePort", format!("{name}  {}/{}", p.node_port, p.protocol));
+            line(
+                "NodePort",
+                format!("{name}  {}/{}", p.node_port, p.protocol),
+            );
         }
         let eps: Vec<String> = slices
             .iter()
@@ -240,13 +334,20 @@ pub fn describe_service(o: &Object, s: &Service, slices: &[Object]) -> String {
                 _ => None,
             })
             .flat_map(|es| {
-                let port = es.ports.iter().find(|ep| ep.name.as_deref().unwrap_or("") == p.name).and_then(|ep| ep.port);
-                es.endpoints.iter().filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)).flat_map(move |e| {
-                    e.addresses.iter().map(move |a| match port {
-                        Some(port) => format!("{a}:{port}"),
-                        None => a.clone(),
+                let port = es
+                    .ports
+                    .iter()
+                    .find(|ep| ep.name.as_deref().unwrap_or("") == p.name)
+                    .and_then(|ep| ep.port);
+                es.endpoints
+                    .iter()
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                    .flat_map(move |e| {
+                        e.addresses.iter().map(move |a| match port {
+                            Some(port) => format!("{a}:{port}"),
+                            None => a.clone(),
+                        })
                     })
-                })
             })
             .collect();
         if spec.r#type != "ExternalName" {
@@ -255,10 +356,16 @@ pub fn describe_service(o: &Object, s: &Service, slices: &[Object]) -> String {
     }
     line("Session Affinity", spec.session_affinity.clone());
     if !spec.external_traffic_policy.is_empty() {
-        line("External Traffic Policy", spec.external_traffic_policy.clone());
+        line(
+            "External Traffic Policy",
+            spec.external_traffic_policy.clone(),
+        );
     }
     if !spec.internal_traffic_policy.is_empty() {
-        line("Internal Traffic Policy", spec.internal_traffic_policy.clone());
+        line(
+            "Internal Traffic Policy",
+            spec.internal_traffic_policy.clone(),
+        );
     }
     line("Resource Version", meta.resource_version.clone());
     line("Created", age(created(o)) + " ago");

@@ -96,10 +96,7 @@ pub struct IpRange {
 impl IpRange {
     pub fn new(net: IpNet) -> Self {
         let net = net.trunc();
-        let (mut lo, mut hi) = (
-            ip_to_u128(net.network()),
-            ip_to_u128(net.broadcast()),
-        );
+        let (mut lo, mut hi) = (ip_to_u128(net.network()), ip_to_u128(net.broadcast()));
         // Network and (IPv4) broadcast addresses are never handed out.
         if hi > lo + 1 {
             lo += 1;
@@ -281,7 +278,9 @@ impl FromStr for LbPool {
                 }
                 ranges.push((ip_to_u128(a), ip_to_u128(b), a.is_ipv4()));
             } else {
-                let net: IpNet = part.parse().map_err(|_| bad("not a CIDR or FIRST-LAST range"))?;
+                let net: IpNet = part
+                    .parse()
+                    .map_err(|_| bad("not a CIDR or FIRST-LAST range"))?;
                 let net = net.trunc();
                 let (mut a, mut b) = (ip_to_u128(net.network()), ip_to_u128(net.broadcast()));
                 // Like MetalLB's avoidBuggyIPs: no network or broadcast address.
@@ -418,7 +417,9 @@ mod tests {
 
     #[test]
     fn lb_pool() {
-        let mut p: LbPool = "192.0.2.10-192.0.2.11,198.51.100.0/31,203.0.113.0/30".parse().expect("pool");
+        let mut p: LbPool = "192.0.2.10-192.0.2.11,198.51.100.0/31,203.0.113.0/30"
+            .parse()
+            .expect("pool");
         let mut got = Vec::new();
         while let Ok(ip) = p.next_free() {
             p.reserve(ip);
@@ -426,7 +427,14 @@ mod tests {
         }
         assert_eq!(
             got,
-            ["192.0.2.10", "192.0.2.11", "198.51.100.0", "198.51.100.1", "203.0.113.1", "203.0.113.2"]
+            [
+                "192.0.2.10",
+                "192.0.2.11",
+                "198.51.100.0",
+                "198.51.100.1",
+                "203.0.113.1",
+                "203.0.113.2"
+            ]
         );
         assert!("nonsense".parse::<LbPool>().is_err());
     }

@@ -60,10 +60,14 @@ impl Writer {
         }
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Status::unavailable(format!(
-                "not the leader (leader: {})",
-                f.leader_node.map(|n| n.addr).unwrap_or_else(|| "unknown".into())
-            ))),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Status::unavailable(format!(
+                    "not the leader (leader: {})",
+                    f.leader_node
+                        .map(|n| n.addr)
+                        .unwrap_or_else(|| "unknown".into())
+                )))
+            }
             Err(e) => Err(Status::unavailable(format!("write failed: {e}"))),
         }
     }
@@ -95,7 +99,10 @@ impl Writer {
                 // No leader or a leader change: wait for the next one. Only
                 // errors before the entry was appended reach here, so the
                 // retry cannot apply the write twice.
-                Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     let mut rx = self.raft.metrics();
                     let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
                 }
@@ -115,7 +122,11 @@ pub struct ResourcesApi {
 
 impl ResourcesApi {
     pub fn new(writer: Writer, raft: Arc<Raft>, shared: Shared) -> Self {
-        Self { writer, raft, shared }
+        Self {
+            writer,
+            raft,
+            shared,
+        }
     }
 
     /// Waits until this replica has applied everything committed before the
@@ -133,7 +144,8 @@ impl ResourcesApi {
 }
 
 fn parse_kind(k: &str) -> Result<Kind, Status> {
-    k.parse().map_err(|e: strait_proto::UnknownKind| Status::invalid_argument(e.to_string()))
+    k.parse()
+        .map_err(|e: strait_proto::UnknownKind| Status::invalid_argument(e.to_string()))
 }
 
 fn decode(bytes: &[u8]) -> Result<Object, Status> {
@@ -145,8 +157,14 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Se
 #[tonic::async_trait]
 impl resources_server::Resources for ResourcesApi {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
-        let object = req.into_inner().object.ok_or_else(|| Status::invalid_argument("object is required"))?;
-        let cmd = Command::Apply { object: object.encode_to_vec(), now_unix_nanos: now_unix_nanos() };
+        let object = req
+            .into_inner()
+            .object
+            .ok_or_else(|| Status::invalid_argument("object is required"))?;
+        let cmd = Command::Apply {
+            object: object.encode_to_vec(),
+            now_unix_nanos: now_unix_nanos(),
+        };
         let out = self.writer.write(cmd).await?;
         Ok(Response::new(ApplyResponse {
             object: Some(decode(&out.object)?),
@@ -159,25 +177,49 @@ impl resources_server::Resources for ResourcesApi {
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
         self.read_barrier(req.consistency).await?;
-        let ns = if kind.namespaced() && req.namespace.is_empty() { "default" } else { req.namespace.as_str() };
+        let ns = if kind.namespaced() && req.namespace.is_empty() {
+            "default"
+        } else {
+            req.namespace.as_str()
+        };
         let ns = if kind.namespaced() { ns } else { "" };
         let store = watch::read(&self.shared);
-        let object = store.state().get(kind, ns, &req.name).cloned().ok_or_else(|| {
-            status(ApiError::NotFound { resource: plural(kind).into(), name: req.name.clone() })
-        })?;
-        Ok(Response::new(GetResponse { object: Some(object), revision: store.state().revision() }))
+        let object = store
+            .state()
+            .get(kind, ns, &req.name)
+            .cloned()
+            .ok_or_else(|| {
+                status(ApiError::NotFound {
+                    resource: plural(kind).into(),
+                    name: req.name.clone(),
+                })
+            })?;
+        Ok(Response::new(GetResponse {
+            object: Some(object),
+            revision: store.state().revision(),
+        }))
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let req = req.into_inner();
-        let kind = if req.kind.is_empty() { None } else { Some(parse_kind(&req.kind)?) };
+        let kind = if req.kind.is_empty() {
+            None
+        } else {
+            Some(parse_kind(&req.kind)?)
+        };
         self.read_barrier(req.consistency).await?;
         let store = watch::read(&self.shared);
         let items = store.state().list(kind, &req.namespace).cloned().collect();
-        Ok(Response::new(ListResponse { items, revision: store.state().revision() }))
+        Ok(Response::new(ListResponse {
+            items,
+            revision: store.state().revision(),
+        }))
     }
 
-    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let req = req.into_inner();
         parse_kind(&req.kind)?;
         let cmd = Command::Delete {
@@ -188,17 +230,26 @@ impl resources_server::Resources for ResourcesApi {
             now_unix_nanos: now_unix_nanos(),
         };
         let out = self.writer.write(cmd).await?;
-        Ok(Response::new(DeleteResponse { object: Some(decode(&out.object)?), revision: out.revision }))
+        Ok(Response::new(DeleteResponse {
+            object: Some(decode(&out.object)?),
+            revision: out.revision,
+        }))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = req.into_inner();
-        let kinds = req.kinds.iter().map(|k| parse_kind(k)).collect::<Result<Vec<_>, _>>()?;
-        let start = watch::read(&self.shared).subscribe(req.revision).map_err(|e| match e {
-            WatchError::Compacted { .. } => Status::failed_precondition(e.to_string()),
-        })?;
+        let kinds = req
+            .kinds
+            .iter()
+            .map(|k| parse_kind(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let start = watch::read(&self.shared)
+            .subscribe(req.revision)
+            .map_err(|e| match e {
+                WatchError::Compacted { .. } => Status::failed_precondition(e.to_string()),
+            })?;
         let shared = self.shared.clone();
         let stream = async_stream(start, kinds, shared);
         Ok(Response::new(Box::pin(stream)))
@@ -214,14 +265,19 @@ fn async_stream(
 ) -> impl Stream<Item = Result<WatchResponse, Status>> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchResponse, Status>>(64);
     tokio::spawn(async move {
-        let watch::Start { initial, backlog, mut live } = start;
+        let watch::Start {
+            initial,
+            backlog,
+            mut live,
+        } = start;
         let mut last = 0;
         for resp in initial.into_iter().chain(backlog) {
             last = resp.revision;
             if let Some(r) = watch::filter(&resp, &kinds)
-                && tx.send(Ok(r)).await.is_err() {
-                    return;
-                }
+                && tx.send(Ok(r)).await.is_err()
+            {
+                return;
+            }
         }
         let mut progress = tokio::time::interval(Duration::from_secs(5));
         progress.tick().await;
@@ -285,7 +341,10 @@ fn membership_status(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl cluster_server::Cluster for ClusterApi {
-    async fn status(&self, _req: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
@@ -297,22 +356,33 @@ impl cluster_server::Cluster for ClusterApi {
                 .as_ref()
                 .and_then(|r| r.get(id).cloned().flatten())
                 .map(|l| l.index);
-            members.insert(*id, MemberStatus {
-                id: *id,
-                address: node.addr.clone(),
-                role: if Some(*id) == m.current_leader {
-                    "leader".into()
-                } else if voters.contains(id) {
-                    "follower".into()
-                } else {
-                    "learner".into()
+            members.insert(
+                *id,
+                MemberStatus {
+                    id: *id,
+                    address: node.addr.clone(),
+                    role: if Some(*id) == m.current_leader {
+                        "leader".into()
+                    } else if voters.contains(id) {
+                        "follower".into()
+                    } else {
+                        "learner".into()
+                    },
+                    term: if is_self { m.current_term } else { 0 },
+                    last_log_index: if is_self {
+                        m.last_log_index.unwrap_or(0)
+                    } else {
+                        matched.unwrap_or(0)
+                    },
+                    applied_index: if is_self {
+                        m.last_applied.as_ref().map(|l| l.index).unwrap_or(0)
+                    } else {
+                        0
+                    },
+                    voter: voters.contains(id),
+                    reachable: is_self || matched.is_some(),
                 },
-                term: if is_self { m.current_term } else { 0 },
-                last_log_index: if is_self { m.last_log_index.unwrap_or(0) } else { matched.unwrap_or(0) },
-                applied_index: if is_self { m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) } else { 0 },
-                voter: voters.contains(id),
-                reachable: is_self || matched.is_some(),
-            });
+            );
         }
         Ok(Response::new(ClusterStatusResponse {
             leader_id: m.current_leader.unwrap_or(0),
@@ -321,26 +391,60 @@ impl cluster_server::Cluster for ClusterApi {
         }))
     }
 
-    async fn add_member(&self, req: Request<AddMemberRequest>) -> Result<Response<MembershipResponse>, Status> {
+    async fn add_member(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
         let req = req.into_inner();
-        let node = openraft::BasicNode { addr: req.address.clone() };
-        self.raft.add_learner(req.id, node, true).await.map_err(membership_status)?;
-        let mut voters: std::collections::BTreeSet<u64> =
-            self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        let node = openraft::BasicNode {
+            addr: req.address.clone(),
+        };
+        self.raft
+            .add_learner(req.id, node, true)
+            .await
+            .map_err(membership_status)?;
+        let mut voters: std::collections::BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         voters.insert(req.id);
-        let resp = self.raft.change_membership(voters.clone(), false).await.map_err(membership_status)?;
+        let resp = self
+            .raft
+            .change_membership(voters.clone(), false)
+            .await
+            .map_err(membership_status)?;
         let _ = resp;
-        Ok(Response::new(MembershipResponse { voters: voters.into_iter().collect() }))
+        Ok(Response::new(MembershipResponse {
+            voters: voters.into_iter().collect(),
+        }))
     }
 
-    async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<MembershipResponse>, Status> {
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
         let id = req.into_inner().id;
-        let mut voters: std::collections::BTreeSet<u64> =
-            self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        let mut voters: std::collections::BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         if !voters.remove(&id) {
             return Err(Status::not_found(format!("member {id} is not a voter")));
         }
-        self.raft.change_membership(voters.clone(), false).await.map_err(membership_status)?;
-        Ok(Response::new(MembershipResponse { voters: voters.into_iter().collect() }))
+        self.raft
+            .change_membership(voters.clone(), false)
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(MembershipResponse {
+            voters: voters.into_iter().collect(),
+        }))
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use openraft::async_runtime::WatchReceiver;
-use strait_proto::v1::{cluster_server::ClusterServer, raft_server::RaftServer, resources_server::ResourcesServer};
+use strait_proto::v1::{
+    cluster_server::ClusterServer, raft_server::RaftServer, resources_server::ResourcesServer,
+};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -55,7 +57,10 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             advertise: None,
             peers: BTreeMap::new(),
-            service_cidr: IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(10, 96, 0, 0), 12)),
+            service_cidr: IpNet::V4(ipnet::Ipv4Net::new_assert(
+                std::net::Ipv4Addr::new(10, 96, 0, 0),
+                12,
+            )),
             node_port_range: "30000-32767".into(),
             lb_pool: String::new(),
             watch_history: 10_000,
@@ -71,19 +76,31 @@ impl Default for Config {
 pub enum StartError {
     /// A range flag is wrong.
     #[error("invalid {flag}: {source}")]
-    Range { flag: &'static str, source: crate::alloc::AllocError },
+    Range {
+        flag: &'static str,
+        source: crate::alloc::AllocError,
+    },
     /// The data directory cannot be used.
     #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The log store cannot be opened.
     #[error("opening the raft log in {path}: {source}")]
-    LogStore { path: PathBuf, source: Box<crate::log_store::LogStoreError> },
+    LogStore {
+        path: PathBuf,
+        source: Box<crate::log_store::LogStoreError>,
+    },
     /// Raft refused the configuration or failed to start.
     #[error("raft: {0}")]
     Raft(String),
     /// The listen address cannot be bound.
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// `--peers` does not include this replica.
     #[error("--peers must include this replica's id {0}")]
     PeersWithoutSelf(u64),
@@ -122,14 +139,19 @@ impl Bound {
 pub fn allocators(cfg: &Config) -> Result<Allocators, StartError> {
     Ok(Allocators {
         cluster_ips: IpRange::new(cfg.service_cidr),
-        node_ports: cfg
-            .node_port_range
-            .parse::<PortRange>()
-            .map_err(|source| StartError::Range { flag: "--node-port-range", source })?,
+        node_ports: cfg.node_port_range.parse::<PortRange>().map_err(|source| {
+            StartError::Range {
+                flag: "--node-port-range",
+                source,
+            }
+        })?,
         lb_ips: cfg
             .lb_pool
             .parse::<LbPool>()
-            .map_err(|source| StartError::Range { flag: "--lb-pool", source })?,
+            .map_err(|source| StartError::Range {
+                flag: "--lb-pool",
+                source,
+            })?,
     })
 }
 
@@ -137,20 +159,35 @@ pub fn allocators(cfg: &Config) -> Result<Allocators, StartError> {
 /// once (the lowest id among `peers` does it; a second call is a no-op).
 pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     let alloc = allocators(&cfg)?;
-    let dir = |e| StartError::DataDir { path: cfg.data_dir.clone(), source: e };
+    let dir = |e| StartError::DataDir {
+        path: cfg.data_dir.clone(),
+        source: e,
+    };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir)?;
     let log_path = cfg.data_dir.join("raft-log.redb");
-    let log = LogStore::<TypeConfig>::open(&log_path)
-        .map_err(|source| StartError::LogStore { path: log_path.clone(), source: Box::new(source) })?;
+    let log = LogStore::<TypeConfig>::open(&log_path).map_err(|source| StartError::LogStore {
+        path: log_path.clone(),
+        source: Box::new(source),
+    })?;
 
     let listener = TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.listen, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
 
-    let shared: Shared = Arc::new(RwLock::new(Store::new(State::new(alloc.clone()), cfg.watch_history)));
-    let sm = StateMachine::open(&cfg.data_dir.join("snapshots"), alloc, shared.clone()).map_err(dir)?;
+    let shared: Shared = Arc::new(RwLock::new(Store::new(
+        State::new(alloc.clone()),
+        cfg.watch_history,
+    )));
+    let sm =
+        StateMachine::open(&cfg.data_dir.join("snapshots"), alloc, shared.clone()).map_err(dir)?;
 
     let raft_config = openraft::Config {
         cluster_name: "strait".into(),
@@ -162,7 +199,11 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         install_snapshot_timeout: 10_000,
         ..Default::default()
     };
-    let raft_config = Arc::new(raft_config.validate().map_err(|e| StartError::Raft(e.to_string()))?);
+    let raft_config = Arc::new(
+        raft_config
+            .validate()
+            .map_err(|e| StartError::Raft(e.to_string()))?,
+    );
     let raft = Arc::new(
         Raft::new(cfg.id, raft_config, Network, log, sm)
             .await
@@ -170,9 +211,13 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     );
 
     let writer = Writer::new(raft.clone(), shared.clone());
-    let resources = ResourcesServer::new(ResourcesApi::new(writer.clone(), raft.clone(), shared.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let resources = ResourcesServer::new(ResourcesApi::new(
+        writer.clone(),
+        raft.clone(),
+        shared.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(raft.clone(), shared.clone()));
     let raft_svc = RaftServer::new(RaftService::new(raft.clone(), writer))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -197,7 +242,10 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     if !peers.contains_key(&cfg.id) {
         return Err(StartError::PeersWithoutSelf(cfg.id));
     }
-    let initialized = raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))?;
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
     if !initialized && peers.keys().next() == Some(&cfg.id) {
         let members: BTreeMap<u64, openraft::BasicNode> = peers
             .iter()
@@ -205,11 +253,19 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
             .collect();
         match raft.initialize(members).await {
             Ok(()) => tracing::info!(id = cfg.id, voters = peers.len(), "cluster bootstrapped"),
-            Err(e) => tracing::info!(id = cfg.id, error = %e, "bootstrap skipped: already initialized"),
+            Err(e) => {
+                tracing::info!(id = cfg.id, error = %e, "bootstrap skipped: already initialized")
+            }
         }
     }
     tracing::info!(id = cfg.id, %addr, advertise = %advertise, data_dir = %cfg.data_dir.display(), "control replica serving");
-    Ok(Bound { addr, raft, shared, shutdown: Some(tx), server })
+    Ok(Bound {
+        addr,
+        raft,
+        shared,
+        shutdown: Some(tx),
+        server,
+    })
 }
 
 /// Waits until some replica is leader (as this one sees it), up to `timeout`.
@@ -221,7 +277,10 @@ pub async fn wait_for_leader(raft: &Raft, timeout: Duration) -> Option<u64> {
         if leader.is_some() {
             return leader;
         }
-        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
             return None;
         }
     }

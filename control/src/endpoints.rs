@@ -61,11 +61,17 @@ pub fn pod_address(pod: &Pod, nodes: &BTreeMap<String, &Node>) -> Option<String>
 /// give the same names.
 pub fn derive(svc: &Service, pods: &[&Pod], nodes: &BTreeMap<String, &Node>) -> Vec<EndpointSlice> {
     let meta = svc.metadata.clone().unwrap_or_default();
-    let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
     if spec.selector.is_empty() || spec.r#type == "ExternalName" {
         return Vec::new();
     }
-    let address_type = if spec.cluster_ip.contains(':') { "IPv6" } else { "IPv4" };
+    let address_type = if spec.cluster_ip.contains(':') {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
 
     // Group endpoints by the port numbers they resolve to.
     let mut groups: BTreeMap<Vec<ResolvedPort>, Vec<Endpoint>> = BTreeMap::new();
@@ -74,7 +80,9 @@ pub fn derive(svc: &Service, pods: &[&Pod], nodes: &BTreeMap<String, &Node>) -> 
         if !selects(&spec.selector, &pm.labels) {
             continue;
         }
-        let Some(addr) = pod_address(pod, nodes) else { continue };
+        let Some(addr) = pod_address(pod, nodes) else {
+            continue;
+        };
         if addr.contains(':') != (address_type == "IPv6") {
             continue;
         }
@@ -85,14 +93,24 @@ pub fn derive(svc: &Service, pods: &[&Pod], nodes: &BTreeMap<String, &Node>) -> 
             .flat_map(|c| c.ports.iter())
             .filter(|p| !p.name.is_empty())
             .map(|p| {
-                let proto = if p.protocol.is_empty() { "TCP" } else { p.protocol.as_str() };
+                let proto = if p.protocol.is_empty() {
+                    "TCP"
+                } else {
+                    p.protocol.as_str()
+                };
                 ((p.name.clone(), proto.to_string()), p.container_port)
             })
             .collect();
         let ports: Vec<ResolvedPort> = spec
             .ports
             .iter()
-            .map(|p| (p.name.clone(), p.protocol.clone(), resolve_target_port(p, &named)))
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.protocol.clone(),
+                    resolve_target_port(p, &named),
+                )
+            })
             .collect();
         if !spec.ports.is_empty() && ports.iter().all(|(_, _, n)| n.is_none()) {
             continue;
@@ -143,8 +161,18 @@ pub fn derive(svc: &Service, pods: &[&Pod], nodes: &BTreeMap<String, &Node>) -> 
             })
             .collect();
         for (n, chunk) in endpoints.chunks(MAX_ENDPOINTS_PER_SLICE).enumerate() {
-            let name = if n == 0 { base.clone() } else { format!("{base}-{n}") };
-            slices.push(slice(&meta, name, address_type, chunk.to_vec(), eports.clone()));
+            let name = if n == 0 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            slices.push(slice(
+                &meta,
+                name,
+                address_type,
+                chunk.to_vec(),
+                eports.clone(),
+            ));
         }
     }
     slices

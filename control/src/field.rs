@@ -67,7 +67,11 @@ impl fmt::Display for FieldError {
             FieldError::Forbidden(p, d) => write!(f, "{p}: Forbidden: {d}"),
             FieldError::NotSupported(p, v, ok) => {
                 let ok: Vec<String> = ok.iter().map(|s| format!("{s:?}")).collect();
-                write!(f, "{p}: Unsupported value: {v}: supported values: {}", ok.join(", "))
+                write!(
+                    f,
+                    "{p}: Unsupported value: {v}: supported values: {}",
+                    ok.join(", ")
+                )
             }
             FieldError::TooLong(p, max) => {
                 write!(f, "{p}: Too long: may not be more than {max} bytes")
@@ -82,10 +86,12 @@ pub struct Errors(pub Vec<FieldError>);
 
 impl Errors {
     pub fn required(&mut self, path: impl Into<String>, detail: impl Into<String>) {
-        self.0.push(FieldError::Required(path.into(), detail.into()));
+        self.0
+            .push(FieldError::Required(path.into(), detail.into()));
     }
     pub fn invalid(&mut self, path: impl Into<String>, v: impl Into<Shown>, d: impl Into<String>) {
-        self.0.push(FieldError::Invalid(path.into(), v.into(), d.into()));
+        self.0
+            .push(FieldError::Invalid(path.into(), v.into(), d.into()));
     }
     pub fn duplicate(&mut self, path: impl Into<String>, v: impl Into<Shown>) {
         self.0.push(FieldError::Duplicate(path.into(), v.into()));
@@ -127,7 +133,11 @@ fn is_label_body(s: &str, first_alpha: bool) -> bool {
     let ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
     !b.is_empty()
         && b.iter().all(ok)
-        && (if first_alpha { b[0].is_ascii_lowercase() } else { b[0] != b'-' })
+        && (if first_alpha {
+            b[0].is_ascii_lowercase()
+        } else {
+            b[0] != b'-'
+        })
         && b[b.len() - 1] != b'-'
 }
 
@@ -198,8 +208,7 @@ fn is_qualified_name_part(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
@@ -274,10 +283,29 @@ mod tests {
 
     #[test]
     fn wording() {
-        let e = FieldError::Invalid("spec.ports[0].port".into(), Shown::Int(0), "must be between 1 and 65535, inclusive".into());
-        assert_eq!(e.to_string(), "spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive");
-        let n = FieldError::NotSupported("spec.type".into(), "Foo".into(), vec!["ClusterIP".into(), "NodePort".into()]);
-        assert_eq!(n.to_string(), "spec.type: Unsupported value: \"Foo\": supported values: \"ClusterIP\", \"NodePort\"");
-        assert_eq!(aggregate(&[e.clone(), e.clone()]).matches("Invalid").count(), 2);
+        let e = FieldError::Invalid(
+            "spec.ports[0].port".into(),
+            Shown::Int(0),
+            "must be between 1 and 65535, inclusive".into(),
+        );
+        assert_eq!(
+            e.to_string(),
+            "spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive"
+        );
+        let n = FieldError::NotSupported(
+            "spec.type".into(),
+            "Foo".into(),
+            vec!["ClusterIP".into(), "NodePort".into()],
+        );
+        assert_eq!(
+            n.to_string(),
+            "spec.type: Unsupported value: \"Foo\": supported values: \"ClusterIP\", \"NodePort\""
+        );
+        assert_eq!(
+            aggregate(&[e.clone(), e.clone()])
+                .matches("Invalid")
+                .count(),
+            2
+        );
     }
 }

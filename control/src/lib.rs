@@ -4,14 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod alloc;
-pub mod log_store;
+pub mod api;
+pub mod app;
 pub mod endpoints;
 pub mod field;
+pub mod log_store;
 pub mod objects;
+pub mod raft;
+pub mod raft_net;
 pub mod service;
 pub mod state;
 pub mod watch;
-pub mod raft;
-pub mod raft_net;
-pub mod api;
-pub mod app;

@@ -90,10 +90,14 @@ fn check_port(errs: &mut Errors, path: String, port: Option<&strait_proto::v1::I
 }
 
 fn validate_probe(errs: &mut Errors, path: &str, p: &Probe) {
-    let handlers = [p.tcp_socket.is_some(), p.http_get.is_some(), p.exec.is_some()]
-        .iter()
-        .filter(|h| **h)
-        .count();
+    let handlers = [
+        p.tcp_socket.is_some(),
+        p.http_get.is_some(),
+        p.exec.is_some(),
+    ]
+    .iter()
+    .filter(|h| **h)
+    .count();
     match handlers {
         0 => errs.required(path, "must specify a handler type"),
         1 => {}
@@ -105,13 +109,18 @@ fn validate_probe(errs: &mut Errors, path: &str, p: &Probe) {
     if let Some(h) = &p.http_get {
         check_port(errs, format!("{path}.httpGet.port"), h.port.as_ref());
         if !matches!(h.scheme.as_str(), "HTTP" | "HTTPS") {
-            errs.not_supported(format!("{path}.httpGet.scheme"), &h.scheme, &["HTTP", "HTTPS"]);
+            errs.not_supported(
+                format!("{path}.httpGet.scheme"),
+                &h.scheme,
+                &["HTTP", "HTTPS"],
+            );
         }
     }
     if let Some(e) = &p.exec
-        && e.command.is_empty() {
-            errs.required(format!("{path}.exec.command"), "");
-        }
+        && e.command.is_empty()
+    {
+        errs.required(format!("{path}.exec.command"), "");
+    }
     for (name, v, min) in [
         ("initialDelaySeconds", p.initial_delay_seconds, 0),
         ("periodSeconds", p.period_seconds, 1),
@@ -131,7 +140,9 @@ fn validate_probe(errs: &mut Errors, path: &str, p: &Probe) {
 }
 
 pub fn validate_pod(pod: &Pod, errs: &mut Errors) {
-    let Some(spec) = pod.spec.as_ref() else { return };
+    let Some(spec) = pod.spec.as_ref() else {
+        return;
+    };
     if !spec.node_name.is_empty() {
         for e in field::dns1123_subdomain(&spec.node_name) {
             errs.invalid("spec.nodeName", &spec.node_name, e);
@@ -178,7 +189,11 @@ pub fn validate_pod(pod: &Pod, errs: &mut Errors) {
                 );
             }
             if !matches!(p.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
-                errs.not_supported(format!("{pp}.protocol"), &p.protocol, &["SCTP", "TCP", "UDP"]);
+                errs.not_supported(
+                    format!("{pp}.protocol"),
+                    &p.protocol,
+                    &["SCTP", "TCP", "UDP"],
+                );
             }
             if !p.name.is_empty() {
                 for e in field::iana_svc_name(&p.name) {
@@ -210,20 +225,32 @@ pub fn validate_pod(pod: &Pod, errs: &mut Errors) {
 }
 
 pub fn validate_node(node: &Node, errs: &mut Errors) {
-    let Some(status) = node.status.as_ref() else { return };
+    let Some(status) = node.status.as_ref() else {
+        return;
+    };
     for (i, a) in status.addresses.iter().enumerate() {
         let path = format!("status.addresses[{i}]");
         match a.r#type.as_str() {
             "InternalIP" | "ExternalIP" => {
                 if a.address.parse::<IpAddr>().is_err() {
-                    errs.invalid(format!("{path}.address"), &a.address, "must be a valid IP address");
+                    errs.invalid(
+                        format!("{path}.address"),
+                        &a.address,
+                        "must be a valid IP address",
+                    );
                 }
             }
             "Hostname" | "InternalDNS" | "ExternalDNS" => {}
             other => errs.not_supported(
                 format!("{path}.type"),
                 other,
-                &["ExternalDNS", "ExternalIP", "Hostname", "InternalDNS", "InternalIP"],
+                &[
+                    "ExternalDNS",
+                    "ExternalIP",
+                    "Hostname",
+                    "InternalDNS",
+                    "InternalIP",
+                ],
             ),
         }
     }
@@ -268,12 +295,22 @@ pub fn validate_slice(s: &EndpointSlice, errs: &mut Errors) {
     }
     for (i, p) in s.ports.iter().enumerate() {
         if let Some(port) = p.port
-            && !(1..=65535).contains(&port) {
-                errs.invalid(format!("ports[{i}].port"), port, "must be between 1 and 65535, inclusive");
-            }
+            && !(1..=65535).contains(&port)
+        {
+            errs.invalid(
+                format!("ports[{i}].port"),
+                port,
+                "must be between 1 and 65535, inclusive",
+            );
+        }
         if let Some(proto) = &p.protocol
-            && !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
-                errs.not_supported(format!("ports[{i}].protocol"), proto, &["SCTP", "TCP", "UDP"]);
-            }
+            && !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP")
+        {
+            errs.not_supported(
+                format!("ports[{i}].protocol"),
+                proto,
+                &["SCTP", "TCP", "UDP"],
+            );
+        }
     }
 }

@@ -21,7 +21,12 @@ impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Command::Apply { object, .. } => write!(f, "apply({} bytes)", object.len()),
-            Command::Delete { kind, namespace, name, .. } => write!(f, "delete({kind} {namespace}/{name})"),
+            Command::Delete {
+                kind,
+                namespace,
+                name,
+                ..
+            } => write!(f, "delete({kind} {namespace}/{name})"),
         }
     }
 }
@@ -100,7 +105,8 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMeta, Vec<u8>)> {
     let len = bytes.get(..8).ok_or_else(bad)?;
     let len = u64::from_le_bytes(len.try_into().map_err(|_| bad())?) as usize;
     let h = bytes.get(8..8 + len).ok_or_else(bad)?;
-    let header: SnapshotHeader = serde_json::from_slice(h).map_err(|e| io_err("decode snapshot header", e))?;
+    let header: SnapshotHeader =
+        serde_json::from_slice(h).map_err(|e| io_err("decode snapshot header", e))?;
     let meta = SnapshotMeta {
         last_log_id: header.last_log_id,
         last_membership: header.last_membership,
@@ -179,7 +185,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(cmd) => {
                     let now = match &cmd {
-                        Command::Apply { now_unix_nanos, .. } | Command::Delete { now_unix_nanos, .. } => *now_unix_nanos,
+                        Command::Apply { now_unix_nanos, .. }
+                        | Command::Delete { now_unix_nanos, .. } => *now_unix_nanos,
                     };
                     let mut store = watch::write(&self.shared);
                     let applied = store.state_mut().apply(&cmd, index);
@@ -207,9 +214,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Self::SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Self::SnapshotData,
+    ) -> Result<(), io::Error> {
         let bytes = snapshot.into_inner();
-        let state = State::decode(&bytes, self.alloc.clone()).map_err(|e| io_err("decode snapshot", e))?;
+        let state =
+            State::decode(&bytes, self.alloc.clone()).map_err(|e| io_err("decode snapshot", e))?;
         let file = encode_snapshot(meta, &bytes)?;
         write_atomically(&self.dir.join(Self::SNAPSHOT_FILE), &file)?;
         tracing::info!(last_log_id = ?meta.last_log_id, revision = state.revision(), "snapshot installed");

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use strait_proto::v1::RaftPayload;
@@ -29,7 +31,10 @@ type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub enum NetError {
     /// A peer address that is not a valid URI.
     #[error("invalid peer address {addr:?}: {source}")]
-    Address { addr: String, source: tonic::transport::Error },
+    Address {
+        addr: String,
+        source: tonic::transport::Error,
+    },
     /// The RPC failed on the wire or at the peer.
     #[error("rpc to {addr} failed: {status}")]
     Rpc { addr: String, status: Status },
@@ -40,8 +45,15 @@ pub enum NetError {
 
 /// Builds a lazily connecting channel to a peer (`host:port` or URL).
 pub fn channel(addr: &str) -> Result<Channel, NetError> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let ep = Endpoint::from_shared(uri).map_err(|source| NetError::Address { addr: addr.into(), source })?;
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let ep = Endpoint::from_shared(uri).map_err(|source| NetError::Address {
+        addr: addr.into(),
+        source,
+    })?;
     Ok(ep
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
@@ -51,7 +63,9 @@ pub fn channel(addr: &str) -> Result<Channel, NetError> {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<RaftPayload, serde_json::Error> {
-    Ok(RaftPayload { data: serde_json::to_vec(v)? })
+    Ok(RaftPayload {
+        data: serde_json::to_vec(v)?,
+    })
 }
 
 fn decode<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, serde_json::Error> {
@@ -89,7 +103,12 @@ impl PeerClient {
         }
     }
 
-    async fn call<Req, Resp, F, Fut>(&self, req: &Req, timeout: Duration, f: F) -> Result<Resp, NetError>
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        req: &Req,
+        timeout: Duration,
+        f: F,
+    ) -> Result<Resp, NetError>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -98,10 +117,12 @@ impl PeerClient {
     {
         let mut request = Request::new(encode(req)?);
         request.set_timeout(timeout);
-        let resp = f(self.client()?, request).await.map_err(|status| NetError::Rpc {
-            addr: self.addr.clone(),
-            status,
-        })?;
+        let resp = f(self.client()?, request)
+            .await
+            .map_err(|status| NetError::Rpc {
+                addr: self.addr.clone(),
+                status,
+            })?;
         Ok(decode(resp.get_ref())?)
     }
 }
@@ -121,9 +142,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await })
-            .await
-            .map_err(rpc_error)
+        self.call(&rpc, option.hard_ttl(), |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
+        .map_err(rpc_error)
     }
 
     async fn vote(
@@ -131,9 +154,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, r| async move { c.vote(r).await })
-            .await
-            .map_err(rpc_error)
+        self.call(&rpc, option.hard_ttl(), |mut c, r| async move {
+            c.vote(r).await
+        })
+        .await
+        .map_err(rpc_error)
     }
 
     async fn full_snapshot(
@@ -143,13 +168,16 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let header = serde_json::to_vec(&(vote, snapshot.meta)).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let header = serde_json::to_vec(&(vote, snapshot.meta))
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let data = snapshot.snapshot.into_inner();
         let mut buf = Vec::with_capacity(8 + header.len() + data.len());
         buf.extend_from_slice(&(header.len() as u64).to_le_bytes());
         buf.extend_from_slice(&header);
         buf.extend_from_slice(&data);
-        let mut client = self.client().map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = self
+            .client()
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
         let addr = self.addr.clone();
         let send = async move {
             client
@@ -179,7 +207,10 @@ pub async fn forward_write(addr: &str, cmd: &Command) -> Result<crate::raft::Res
     let resp = client
         .forward_write(encode(cmd)?)
         .await
-        .map_err(|status| NetError::Rpc { addr: addr.into(), status })?;
+        .map_err(|status| NetError::Rpc {
+            addr: addr.into(),
+            status,
+        })?;
     Ok(decode(resp.get_ref())?)
 }
 
@@ -200,30 +231,57 @@ fn bad(e: serde_json::Error) -> Status {
 }
 
 fn reply<T: Serialize>(v: &T) -> Result<tonic::Response<RaftPayload>, Status> {
-    encode(v).map(tonic::Response::new).map_err(|e| Status::internal(e.to_string()))
+    encode(v)
+        .map(tonic::Response::new)
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
-    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref()).map_err(bad)?;
-        let resp = self.raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = self
+            .raft
+            .append_entries(rpc)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(&resp)
     }
 
-    async fn vote(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+    async fn vote(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, Status> {
         let rpc: VoteRequest<TypeConfig> = decode(req.get_ref()).map_err(bad)?;
-        let resp = self.raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = self
+            .raft
+            .vote(rpc)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(&resp)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, Status> {
         let data = req.into_inner().data;
         let truncated = || Status::invalid_argument("snapshot payload is truncated");
-        let len = u64::from_le_bytes(data.get(..8).ok_or_else(truncated)?.try_into().map_err(|_| truncated())?) as usize;
+        let len = u64::from_le_bytes(
+            data.get(..8)
+                .ok_or_else(truncated)?
+                .try_into()
+                .map_err(|_| truncated())?,
+        ) as usize;
         let header = data.get(8..8 + len).ok_or_else(truncated)?;
         let (vote, meta): (Vote, SnapshotMeta) = serde_json::from_slice(header).map_err(bad)?;
-        let snapshot = Snapshot { meta, snapshot: Cursor::new(data[8 + len..].to_vec()) };
+        let snapshot = Snapshot {
+            meta,
+            snapshot: Cursor::new(data[8 + len..].to_vec()),
+        };
         let resp = self
             .raft
             .install_full_snapshot(vote, snapshot)
@@ -232,7 +290,10 @@ impl raft_server::Raft for RaftService {
         reply(&resp)
     }
 
-    async fn forward_write(&self, req: Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, Status> {
+    async fn forward_write(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, Status> {
         let cmd: Command = decode(req.get_ref()).map_err(bad)?;
         let resp = self.writes.write_local(cmd).await?;
         reply(&resp)

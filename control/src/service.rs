@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use strait_proto::v1::{
-    ClientIpConfig, IntOrString, LoadBalancerIngress, LoadBalancerStatus, Service,
-    ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig, int_or_string,
+    ClientIpConfig, IntOrString, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort,
+    ServiceSpec, ServiceStatus, SessionAffinityConfig, int_or_string,
 };
 
 use crate::alloc::{AllocError, IpRange, LbPool, PortRange};
@@ -45,14 +45,16 @@ pub fn held(svc: &Service) -> Held {
     };
     for p in &spec.ports {
         if let Ok(port) = u16::try_from(p.node_port)
-            && port != 0 {
-                h.node_ports.insert(port);
-            }
-    }
-    if let Ok(port) = u16::try_from(spec.health_check_node_port)
-        && port != 0 {
+            && port != 0
+        {
             h.node_ports.insert(port);
         }
+    }
+    if let Ok(port) = u16::try_from(spec.health_check_node_port)
+        && port != 0
+    {
+        h.node_ports.insert(port);
+    }
     h.lb_ip = svc
         .status
         .as_ref()
@@ -141,7 +143,9 @@ fn default(svc: &mut Service, old: Option<&Service>) {
 
 /// Validates the defaulted spec; `old` is the stored version on update.
 fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Errors) {
-    let Some(spec) = svc.spec.as_ref() else { return };
+    let Some(spec) = svc.spec.as_ref() else {
+        return;
+    };
     let ty = spec.r#type.as_str();
     if !TYPES.contains(&ty) {
         errs.not_supported("spec.type", ty, &TYPES);
@@ -154,13 +158,22 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
             errs.forbidden("spec.clusterIP", "may not be set for ExternalName services");
         }
         if !spec.cluster_ips.is_empty() {
-            errs.forbidden("spec.clusterIPs", "may not be set for ExternalName services");
+            errs.forbidden(
+                "spec.clusterIPs",
+                "may not be set for ExternalName services",
+            );
         }
         if !spec.ip_families.is_empty() {
-            errs.forbidden("spec.ipFamilies", "may not be set for ExternalName services");
+            errs.forbidden(
+                "spec.ipFamilies",
+                "may not be set for ExternalName services",
+            );
         }
         if spec.ip_family_policy.is_some() {
-            errs.forbidden("spec.ipFamilyPolicy", "may not be set for ExternalName services");
+            errs.forbidden(
+                "spec.ipFamilyPolicy",
+                "may not be set for ExternalName services",
+            );
         }
         let name = spec.external_name.trim_end_matches('.');
         if spec.external_name.is_empty() {
@@ -173,7 +186,10 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
     } else if !spec.external_name.is_empty() && ty != "ExternalName" {
         // Kubernetes clears it silently on type change; a user who writes it
         // for another type most likely meant ExternalName.
-        errs.forbidden("spec.externalName", "may only be set when `type` is 'ExternalName'");
+        errs.forbidden(
+            "spec.externalName",
+            "may only be set when `type` is 'ExternalName'",
+        );
     }
 
     if is_headless(spec) && matches!(ty, "NodePort" | "LoadBalancer") {
@@ -194,14 +210,13 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
                 let unchanged = old
                     .and_then(|o| o.spec.as_ref())
                     .is_some_and(|o| o.cluster_ip == spec.cluster_ip);
-                if !unchanged
-                    && let Err(e) = a.cluster_ips.check(ip) {
-                        errs.invalid(
-                            "spec.clusterIP",
-                            &spec.cluster_ip,
-                            format!("failed to allocate IP {ip}: {e}"),
-                        );
-                    }
+                if !unchanged && let Err(e) = a.cluster_ips.check(ip) {
+                    errs.invalid(
+                        "spec.clusterIP",
+                        &spec.cluster_ip,
+                        format!("failed to allocate IP {ip}: {e}"),
+                    );
+                }
             }
         }
     }
@@ -213,11 +228,7 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
     }
     for (i, ip) in spec.cluster_ips.iter().enumerate() {
         if i == 0 && *ip != spec.cluster_ip && !spec.cluster_ip.is_empty() {
-            errs.invalid(
-                "spec.clusterIPs[0]",
-                ip,
-                "must match `spec.clusterIP`",
-            );
+            errs.invalid("spec.clusterIPs[0]", ip, "must match `spec.clusterIP`");
         }
         if i > 0 {
             errs.invalid(
@@ -281,7 +292,8 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
         other => errs.not_supported("spec.sessionAffinity", other, &["ClientIP", "None"]),
     }
 
-    let externally_reachable = matches!(ty, "NodePort" | "LoadBalancer") || !spec.external_ips.is_empty();
+    let externally_reachable =
+        matches!(ty, "NodePort" | "LoadBalancer") || !spec.external_ips.is_empty();
     match spec.external_traffic_policy.as_str() {
         "" => {}
         p if !externally_reachable => errs.invalid(
@@ -304,16 +316,28 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
                 "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
             );
         } else if let Some(o) = old.and_then(|o| o.spec.as_ref())
-            && o.health_check_node_port != 0 && o.health_check_node_port != spec.health_check_node_port {
-                errs.invalid("spec.healthCheckNodePort", spec.health_check_node_port, "field is immutable");
-            }
+            && o.health_check_node_port != 0
+            && o.health_check_node_port != spec.health_check_node_port
+        {
+            errs.invalid(
+                "spec.healthCheckNodePort",
+                spec.health_check_node_port,
+                "field is immutable",
+            );
+        }
     }
 
     let lb_only: [(&str, bool); 4] = [
         ("spec.loadBalancerIP", !spec.load_balancer_ip.is_empty()),
-        ("spec.loadBalancerSourceRanges", !spec.load_balancer_source_ranges.is_empty()),
+        (
+            "spec.loadBalancerSourceRanges",
+            !spec.load_balancer_source_ranges.is_empty(),
+        ),
         ("spec.loadBalancerClass", spec.load_balancer_class.is_some()),
-        ("spec.allocateLoadBalancerNodePorts", spec.allocate_load_balancer_node_ports.is_some()),
+        (
+            "spec.allocateLoadBalancerNodePorts",
+            spec.allocate_load_balancer_node_ports.is_some(),
+        ),
     ];
     for (path, set) in lb_only {
         if set && ty != "LoadBalancer" {
@@ -322,13 +346,16 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
     }
     if ty == "LoadBalancer" && !spec.load_balancer_ip.is_empty() {
         match spec.load_balancer_ip.parse::<IpAddr>() {
-            Err(_) => errs.invalid("spec.loadBalancerIP", &spec.load_balancer_ip, "must be a valid IP address"),
+            Err(_) => errs.invalid(
+                "spec.loadBalancerIP",
+                &spec.load_balancer_ip,
+                "must be a valid IP address",
+            ),
             Ok(ip) => {
                 let mine = old.map(held).and_then(|h| h.lb_ip) == Some(ip);
-                if !mine
-                    && let Err(e) = a.lb_ips.check(ip) {
-                        errs.invalid("spec.loadBalancerIP", &spec.load_balancer_ip, e.to_string());
-                    }
+                if !mine && let Err(e) = a.lb_ips.check(ip) {
+                    errs.invalid("spec.loadBalancerIP", &spec.load_balancer_ip, e.to_string());
+                }
             }
         }
     }
@@ -343,7 +370,11 @@ fn validate(svc: &Service, old: Option<&Service>, a: &Allocators, errs: &mut Err
     }
     for (i, ip) in spec.external_ips.iter().enumerate() {
         if ip.parse::<IpAddr>().is_err() {
-            errs.invalid(format!("spec.externalIPs[{i}]"), ip, "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)");
+            errs.invalid(
+                format!("spec.externalIPs[{i}]"),
+                ip,
+                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+            );
         }
     }
 }
@@ -352,7 +383,13 @@ fn family_of(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-fn validate_ports(spec: &ServiceSpec, ty: &str, a: &Allocators, old: Option<&Service>, errs: &mut Errors) {
+fn validate_ports(
+    spec: &ServiceSpec,
+    ty: &str,
+    a: &Allocators,
+    old: Option<&Service>,
+    errs: &mut Errors,
+) {
     let headless = is_headless(spec);
     if spec.ports.is_empty() && !headless && ty != "ExternalName" {
         errs.required("spec.ports", "");
@@ -381,7 +418,11 @@ fn validate_ports(spec: &ServiceSpec, ty: &str, a: &Allocators, old: Option<&Ser
             errs.not_supported(format!("{path}.protocol"), &p.protocol, &PROTOCOLS);
         }
         if !(1..=65535).contains(&p.port) {
-            errs.invalid(format!("{path}.port"), p.port, "must be between 1 and 65535, inclusive");
+            errs.invalid(
+                format!("{path}.port"),
+                p.port,
+                "must be between 1 and 65535, inclusive",
+            );
         }
         if !keys.insert((p.protocol.clone(), p.port)) {
             errs.duplicate(
@@ -394,7 +435,11 @@ fn validate_ports(spec: &ServiceSpec, ty: &str, a: &Allocators, old: Option<&Ser
         }
         match p.target_port.as_ref().and_then(|t| t.value.as_ref()) {
             Some(int_or_string::Value::IntVal(v)) if !(1..=65535).contains(v) => {
-                errs.invalid(format!("{path}.targetPort"), *v, "must be between 1 and 65535, inclusive");
+                errs.invalid(
+                    format!("{path}.targetPort"),
+                    *v,
+                    "must be between 1 and 65535, inclusive",
+                );
             }
             Some(int_or_string::Value::StrVal(s)) => {
                 for e in field::iana_svc_name(s) {
@@ -466,7 +511,8 @@ pub fn plan(mut svc: Service, old: Option<&Service>, a: &Allocators) -> Result<S
     } else {
         spec.cluster_ips = vec![spec.cluster_ip.clone()];
         spec.ip_families = vec![family_of(a.cluster_ips.net().addr()).into()];
-        spec.ip_family_policy.get_or_insert_with(|| "SingleStack".into());
+        spec.ip_family_policy
+            .get_or_insert_with(|| "SingleStack".into());
     }
 
     if exposes_node_ports(spec) {
@@ -474,7 +520,10 @@ pub fn plan(mut svc: Service, old: Option<&Service>, a: &Allocators) -> Result<S
         let held_before: BTreeSet<u16> = old.map(held).map(|h| h.node_ports).unwrap_or_default();
         for (i, p) in spec.ports.iter_mut().enumerate() {
             if p.node_port == 0 {
-                match a.node_ports.next_free(&format!("{key}/{}/{}", p.protocol, p.port), &taken) {
+                match a
+                    .node_ports
+                    .next_free(&format!("{key}/{}/{}", p.protocol, p.port), &taken)
+                {
                     Ok(np) => p.node_port = i32::from(np),
                     Err(e) => errs.invalid(format!("spec.ports[{i}].nodePort"), 0, e.to_string()),
                 }
@@ -483,9 +532,15 @@ pub fn plan(mut svc: Service, old: Option<&Service>, a: &Allocators) -> Result<S
                 taken.push(np);
             }
         }
-        if spec.r#type == "LoadBalancer" && spec.external_traffic_policy == "Local" && spec.health_check_node_port == 0 {
+        if spec.r#type == "LoadBalancer"
+            && spec.external_traffic_policy == "Local"
+            && spec.health_check_node_port == 0
+        {
             // Ports this Service already held are free for it to reuse.
-            let taken: Vec<u16> = taken.into_iter().filter(|p| !held_before.contains(p)).collect();
+            let taken: Vec<u16> = taken
+                .into_iter()
+                .filter(|p| !held_before.contains(p))
+                .collect();
             match a.node_ports.next_free(&format!("{key}/health"), &taken) {
                 Ok(np) => spec.health_check_node_port = i32::from(np),
                 Err(e) => errs.invalid("spec.healthCheckNodePort", 0, e.to_string()),

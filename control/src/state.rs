@@ -25,7 +25,10 @@ pub const MAX_OBJECT_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {
     /// Create or update; `object` is a prost-encoded `Object`.
-    Apply { object: Vec<u8>, now_unix_nanos: i64 },
+    Apply {
+        object: Vec<u8>,
+        now_unix_nanos: i64,
+    },
     /// Delete, optionally only at a given resourceVersion.
     Delete {
         kind: String,
@@ -51,19 +54,36 @@ pub struct Outcome {
 pub enum ApiError {
     /// Field validation failed (HTTP 422).
     #[error("The {kind} {name:?} is invalid: {}", field::aggregate(errors))]
-    Invalid { kind: String, name: String, errors: Vec<FieldError> },
+    Invalid {
+        kind: String,
+        name: String,
+        errors: Vec<FieldError>,
+    },
     /// Optimistic concurrency failed (HTTP 409).
     #[error("Operation cannot be fulfilled on {resource} {name:?}: {reason}")]
-    Conflict { resource: String, name: String, reason: String },
+    Conflict {
+        resource: String,
+        name: String,
+        reason: String,
+    },
     /// No such object (HTTP 404).
     #[error("{resource} {name:?} not found")]
     NotFound { resource: String, name: String },
     /// The object is over the size limit (HTTP 413).
     #[error("Request entity too large: {kind} {name:?} is {size} bytes, limit is {limit}")]
-    TooLarge { kind: String, name: String, size: usize, limit: usize },
+    TooLarge {
+        kind: String,
+        name: String,
+        size: usize,
+        limit: usize,
+    },
     /// The writer may not change this object (HTTP 403).
     #[error("{resource} {name:?} is forbidden: {reason}")]
-    Forbidden { resource: String, name: String, reason: String },
+    Forbidden {
+        resource: String,
+        name: String,
+        reason: String,
+    },
     /// The request itself is malformed (HTTP 400).
     #[error("{0}")]
     BadRequest(String),
@@ -157,7 +177,11 @@ impl State {
     }
 
     /// Objects of `kind` (all kinds when None) in `namespace` ("" = all).
-    pub fn list<'a>(&'a self, kind: Option<Kind>, namespace: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
+    pub fn list<'a>(
+        &'a self,
+        kind: Option<Kind>,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Object> + 'a {
         self.objects
             .iter()
             .filter(move |(k, _)| kind.is_none_or(|want| **k == want))
@@ -227,28 +251,49 @@ impl State {
     /// leader's dry run before proposing.
     pub fn check(&self, cmd: &Command) -> Result<(), ApiError> {
         match cmd {
-            Command::Apply { object, now_unix_nanos } => {
+            Command::Apply {
+                object,
+                now_unix_nanos,
+            } => {
                 let o = decode_object(object)?;
-                self.plan_apply(o, *now_unix_nanos, self.revision + 1).map(|_| ())
+                self.plan_apply(o, *now_unix_nanos, self.revision + 1)
+                    .map(|_| ())
             }
-            Command::Delete { kind, namespace, name, resource_version, now_unix_nanos } => {
-                self.plan_delete(kind, namespace, name, resource_version, *now_unix_nanos).map(|_| ())
-            }
+            Command::Delete {
+                kind,
+                namespace,
+                name,
+                resource_version,
+                now_unix_nanos,
+            } => self
+                .plan_delete(kind, namespace, name, resource_version, *now_unix_nanos)
+                .map(|_| ()),
         }
     }
 
     /// Applies a committed command at log index `index`.
     pub fn apply(&mut self, cmd: &Command, index: u64) -> Applied {
         let planned = match cmd {
-            Command::Apply { object, now_unix_nanos } => decode_object(object)
-                .and_then(|o| self.plan_apply(o, *now_unix_nanos, index)),
-            Command::Delete { kind, namespace, name, resource_version, now_unix_nanos } => {
-                self.plan_delete(kind, namespace, name, resource_version, *now_unix_nanos)
-            }
+            Command::Apply {
+                object,
+                now_unix_nanos,
+            } => decode_object(object).and_then(|o| self.plan_apply(o, *now_unix_nanos, index)),
+            Command::Delete {
+                kind,
+                namespace,
+                name,
+                resource_version,
+                now_unix_nanos,
+            } => self.plan_delete(kind, namespace, name, resource_version, *now_unix_nanos),
         };
         let plan = match planned {
             Ok(p) => p,
-            Err(e) => return Applied { outcome: Err(e), changes: Vec::new() },
+            Err(e) => {
+                return Applied {
+                    outcome: Err(e),
+                    changes: Vec::new(),
+                };
+            }
         };
         let (object, result, changed) = (plan.object.clone(), plan.result, plan.changed);
         if !changed {
@@ -264,7 +309,10 @@ impl State {
         let changes = self.commit(plan, index);
         Applied {
             outcome: Ok(Outcome {
-                object: changes.first().map(|c| c.object.encode_to_vec()).unwrap_or_default(),
+                object: changes
+                    .first()
+                    .map(|c| c.object.encode_to_vec())
+                    .unwrap_or_default(),
                 result: result.into(),
                 revision: index,
             }),
@@ -273,7 +321,9 @@ impl State {
     }
 
     fn plan_apply(&self, mut o: Object, now: i64, index: u64) -> Result<Plan, ApiError> {
-        let kind = o.kind().ok_or_else(|| ApiError::BadRequest("object has no kind".into()))?;
+        let kind = o
+            .kind()
+            .ok_or_else(|| ApiError::BadRequest("object has no kind".into()))?;
         let size = o.encoded_len();
         if size > MAX_OBJECT_BYTES {
             return Err(ApiError::TooLarge {
@@ -284,7 +334,9 @@ impl State {
             });
         }
         o.set_type_meta();
-        let meta = o.metadata_mut().ok_or_else(|| ApiError::BadRequest("object has no kind".into()))?;
+        let meta = o
+            .metadata_mut()
+            .ok_or_else(|| ApiError::BadRequest("object has no kind".into()))?;
         let mut errs = Errors::default();
         if kind.namespaced() {
             if meta.namespace.is_empty() {
@@ -319,7 +371,10 @@ impl State {
             return Err(invalid(errs));
         }
         let old = self.get(kind, o.namespace(), &name);
-        if !rv.is_empty() && old.map(|x| x.metadata().map(|m| m.resource_version.as_str())) != Some(Some(rv.as_str())) {
+        if !rv.is_empty()
+            && old.map(|x| x.metadata().map(|m| m.resource_version.as_str()))
+                != Some(Some(rv.as_str()))
+        {
             return Err(ApiError::Conflict {
                 resource: plural(kind).into(),
                 name,
@@ -333,7 +388,9 @@ impl State {
                     Some(object::Kind::Service(s)) => Some(s),
                     _ => None,
                 };
-                service::plan(svc, old, &self.alloc).map_err(invalid)?.into()
+                service::plan(svc, old, &self.alloc)
+                    .map_err(invalid)?
+                    .into()
             }
             (Some(object::Kind::Pod(mut pod)), old) => {
                 let old = match old {
@@ -342,17 +399,21 @@ impl State {
                 };
                 objects::default_pod(&mut pod, old);
                 objects::validate_pod(&pod, &mut errs);
-                if let (Some(old), Some(new)) = (old.and_then(|p| p.spec.as_ref()), pod.spec.as_ref())
-                    && !old.node_name.is_empty() && old.node_name != new.node_name {
-                        errs.invalid("spec.nodeName", &new.node_name, "field is immutable");
-                    }
+                if let (Some(old), Some(new)) =
+                    (old.and_then(|p| p.spec.as_ref()), pod.spec.as_ref())
+                    && !old.node_name.is_empty()
+                    && old.node_name != new.node_name
+                {
+                    errs.invalid("spec.nodeName", &new.node_name, "field is immutable");
+                }
                 pod.into()
             }
             (Some(object::Kind::Node(mut node)), old) => {
                 if node.status.is_none()
-                    && let Some(object::Kind::Node(n)) = old {
-                        node.status = n.status.clone();
-                    }
+                    && let Some(object::Kind::Node(n)) = old
+                {
+                    node.status = n.status.clone();
+                }
                 objects::validate_node(&node, &mut errs);
                 node.into()
             }
@@ -366,7 +427,9 @@ impl State {
         if !errs.is_empty() {
             return Err(invalid(errs));
         }
-        let meta = o.metadata_mut().ok_or_else(|| ApiError::BadRequest("object has no kind".into()))?;
+        let meta = o
+            .metadata_mut()
+            .ok_or_else(|| ApiError::BadRequest("object has no kind".into()))?;
         match old.and_then(|x| x.metadata()) {
             Some(prev) => {
                 meta.uid = prev.uid.clone();
@@ -386,13 +449,28 @@ impl State {
             (Some(_), false) => "unchanged",
         };
         if !changed {
-            return Ok(Plan { object: old.cloned().unwrap_or(o), now, result, changed, delete: false, old: None });
+            return Ok(Plan {
+                object: old.cloned().unwrap_or(o),
+                now,
+                result,
+                changed,
+                delete: false,
+                old: None,
+            });
         }
         if old.is_some()
-            && let Some(m) = o.metadata_mut() {
-                m.generation += 1;
-            }
-        Ok(Plan { object: o, now, result, changed, delete: false, old: old.cloned() })
+            && let Some(m) = o.metadata_mut()
+        {
+            m.generation += 1;
+        }
+        Ok(Plan {
+            object: o,
+            now,
+            result,
+            changed,
+            delete: false,
+            old: old.cloned(),
+        })
     }
 
     /// Operators may write slices only for Services without a selector.
@@ -404,22 +482,46 @@ impl State {
             reason,
         };
         if meta.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY) {
-            return Err(forbidden(format!("{MANAGED_BY_LABEL}={MANAGED_BY} is reserved for slices Strait derives")));
+            return Err(forbidden(format!(
+                "{MANAGED_BY_LABEL}={MANAGED_BY} is reserved for slices Strait derives"
+            )));
         }
-        let Some(svc_name) = meta.labels.get(SERVICE_NAME_LABEL) else { return Ok(()) };
-        let ns = if meta.namespace.is_empty() { "default" } else { meta.namespace.as_str() };
-        if let Some(Object { kind: Some(object::Kind::Service(svc)) }) = self.get(Kind::Service, ns, svc_name)
-            && svc.spec.as_ref().is_some_and(|s| !s.selector.is_empty()) {
-                return Err(forbidden(format!(
-                    "Service {svc_name:?} has a selector, so its EndpointSlices are derived from its Pods"
-                )));
-            }
+        let Some(svc_name) = meta.labels.get(SERVICE_NAME_LABEL) else {
+            return Ok(());
+        };
+        let ns = if meta.namespace.is_empty() {
+            "default"
+        } else {
+            meta.namespace.as_str()
+        };
+        if let Some(Object {
+            kind: Some(object::Kind::Service(svc)),
+        }) = self.get(Kind::Service, ns, svc_name)
+            && svc.spec.as_ref().is_some_and(|s| !s.selector.is_empty())
+        {
+            return Err(forbidden(format!(
+                "Service {svc_name:?} has a selector, so its EndpointSlices are derived from its Pods"
+            )));
+        }
         Ok(())
     }
 
-    fn plan_delete(&self, kind: &str, namespace: &str, name: &str, rv: &str, now: i64) -> Result<Plan, ApiError> {
-        let kind: Kind = kind.parse().map_err(|e: strait_proto::UnknownKind| ApiError::BadRequest(e.to_string()))?;
-        let ns = if kind.namespaced() && namespace.is_empty() { "default" } else { namespace };
+    fn plan_delete(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        rv: &str,
+        now: i64,
+    ) -> Result<Plan, ApiError> {
+        let kind: Kind = kind
+            .parse()
+            .map_err(|e: strait_proto::UnknownKind| ApiError::BadRequest(e.to_string()))?;
+        let ns = if kind.namespaced() && namespace.is_empty() {
+            "default"
+        } else {
+            namespace
+        };
         let ns = if kind.namespaced() { ns } else { "" };
         let old = self.get(kind, ns, name).ok_or_else(|| ApiError::NotFound {
             resource: plural(kind).into(),
@@ -429,11 +531,18 @@ impl State {
             return Err(ApiError::Conflict {
                 resource: plural(kind).into(),
                 name: name.into(),
-                reason: format!("the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record. The object might have been modified"),
+                reason: format!(
+                    "the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record. The object might have been modified"
+                ),
             });
         }
         if let Some(object::Kind::EndpointSlice(s)) = &old.kind {
-            let managed = s.metadata.as_ref().and_then(|m| m.labels.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY);
+            let managed = s
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.get(MANAGED_BY_LABEL))
+                .map(String::as_str)
+                == Some(MANAGED_BY);
             if managed {
                 return Err(ApiError::Forbidden {
                     resource: plural(kind).into(),
@@ -442,7 +551,14 @@ impl State {
                 });
             }
         }
-        Ok(Plan { object: old.clone(), now, result: "deleted", changed: true, delete: true, old: Some(old.clone()) })
+        Ok(Plan {
+            object: old.clone(),
+            now,
+            result: "deleted",
+            changed: true,
+            delete: true,
+            old: Some(old.clone()),
+        })
     }
 
     /// Makes a checked plan real: store, allocators, derived slices, events.
@@ -459,7 +575,10 @@ impl State {
         let mut namespaces_with_node_change = false;
         if plan.delete {
             self.objects.entry(kind).or_default().remove(&key);
-            changes.push(Change { event: EventType::Deleted, object: o.clone() });
+            changes.push(Change {
+                event: EventType::Deleted,
+                object: o.clone(),
+            });
         } else {
             if let Some(m) = o.metadata_mut() {
                 m.resource_version = index.to_string();
@@ -468,16 +587,29 @@ impl State {
                 let h = service::held(svc);
                 self.reserve(&h);
             }
-            let event = if plan.old.is_some() { EventType::Modified } else { EventType::Added };
-            self.objects.entry(kind).or_default().insert(key.clone(), o.clone());
-            changes.push(Change { event, object: o.clone() });
+            let event = if plan.old.is_some() {
+                EventType::Modified
+            } else {
+                EventType::Added
+            };
+            self.objects
+                .entry(kind)
+                .or_default()
+                .insert(key.clone(), o.clone());
+            changes.push(Change {
+                event,
+                object: o.clone(),
+            });
         }
         match kind {
             Kind::Service => {
                 affected.insert(key.clone());
             }
             Kind::Pod => {
-                for p in [plan.old.as_ref(), (!plan.delete).then_some(&o)].into_iter().flatten() {
+                for p in [plan.old.as_ref(), (!plan.delete).then_some(&o)]
+                    .into_iter()
+                    .flatten()
+                {
                     affected.extend(self.services_selecting(p));
                 }
             }
@@ -503,12 +635,20 @@ impl State {
     }
 
     fn services_selecting(&self, pod: &Object) -> Vec<Key> {
-        let Some(object::Kind::Pod(p)) = &pod.kind else { return Vec::new() };
-        let labels = p.metadata.as_ref().map(|m| m.labels.clone()).unwrap_or_default();
+        let Some(object::Kind::Pod(p)) = &pod.kind else {
+            return Vec::new();
+        };
+        let labels = p
+            .metadata
+            .as_ref()
+            .map(|m| m.labels.clone())
+            .unwrap_or_default();
         self.list(Some(Kind::Service), pod.namespace())
             .filter_map(|o| match &o.kind {
                 Some(object::Kind::Service(s))
-                    if s.spec.as_ref().is_some_and(|sp| endpoints::selects(&sp.selector, &labels)) =>
+                    if s.spec
+                        .as_ref()
+                        .is_some_and(|sp| endpoints::selects(&sp.selector, &labels)) =>
                 {
                     Some(key_of(o))
                 }
@@ -520,7 +660,9 @@ impl State {
     /// Brings the derived slices of one Service in line with its Pods.
     fn reconcile_slices(&mut self, ns: &str, name: &str, index: u64, now: i64) -> Vec<Change> {
         let want: Vec<EndpointSlice> = match self.get(Kind::Service, ns, name) {
-            Some(Object { kind: Some(object::Kind::Service(svc)) }) => {
+            Some(Object {
+                kind: Some(object::Kind::Service(svc)),
+            }) => {
                 let pods: Vec<&Pod> = self
                     .list(Some(Kind::Pod), ns)
                     .filter_map(|o| match &o.kind {
@@ -543,16 +685,31 @@ impl State {
             .list(Some(Kind::EndpointSlice), ns)
             .filter(|o| {
                 let labels = o.metadata().map(|m| &m.labels);
-                labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) == Some(name)
-                    && labels.and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY)
+                labels
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .map(String::as_str)
+                    == Some(name)
+                    && labels
+                        .and_then(|l| l.get(MANAGED_BY_LABEL))
+                        .map(String::as_str)
+                        == Some(MANAGED_BY)
             })
             .cloned()
             .collect();
         let mut changes = Vec::new();
-        let wanted: BTreeSet<String> = want.iter().filter_map(|s| s.metadata.as_ref().map(|m| m.name.clone())).collect();
+        let wanted: BTreeSet<String> = want
+            .iter()
+            .filter_map(|s| s.metadata.as_ref().map(|m| m.name.clone()))
+            .collect();
         for stale in have.iter().filter(|o| !wanted.contains(o.name())) {
-            self.objects.entry(Kind::EndpointSlice).or_default().remove(&key_of(stale));
-            changes.push(Change { event: EventType::Deleted, object: stale.clone() });
+            self.objects
+                .entry(Kind::EndpointSlice)
+                .or_default()
+                .remove(&key_of(stale));
+            changes.push(Change {
+                event: EventType::Deleted,
+                object: stale.clone(),
+            });
         }
         for slice in want {
             let mut o: Object = slice.into();
@@ -583,8 +740,15 @@ impl State {
                 }
                 m.resource_version = index.to_string();
             }
-            let event = if existing.is_some() { EventType::Modified } else { EventType::Added };
-            self.objects.entry(Kind::EndpointSlice).or_default().insert(key_of(&o), o.clone());
+            let event = if existing.is_some() {
+                EventType::Modified
+            } else {
+                EventType::Added
+            };
+            self.objects
+                .entry(Kind::EndpointSlice)
+                .or_default()
+                .insert(key_of(&o), o.clone());
             changes.push(Change { event, object: o });
         }
         changes

@@ -16,7 +16,9 @@ use crate::state::{Applied, Change, State};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WatchError {
     /// The requested revision is older than the retained history.
-    #[error("compacted: revision {requested} is older than the oldest retained revision {oldest}; re-list")]
+    #[error(
+        "compacted: revision {requested} is older than the oldest retained revision {oldest}; re-list"
+    )]
     Compacted { requested: u64, oldest: u64 },
 }
 
@@ -181,10 +183,14 @@ pub fn filter(resp: &WatchResponse, kinds: &[Kind]) -> Option<WatchResponse> {
 
 /// A read guard on the state, for request handlers.
 pub fn read(shared: &Shared) -> RwLockReadGuard<'_, Store> {
-    shared.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A write guard, for the state machine.
 pub fn write(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, Store> {
-    shared.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -100,10 +100,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
 
 /// The state channel, fed by the static file or by the persisted state and
 /// the watch (whose tasks are started here).
-fn state_source(
-    cfg: &Config,
-    drain: &Drain,
-) -> Result<watch::Receiver<Arc<NodeState>>, AppError> {
+fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeState>>, AppError> {
     if let Some(path) = &cfg.config_file {
         let state = watcher::load_static(path)?;
         info!(file = %path.display(), services = state.services().count(), "static mode");
@@ -116,7 +113,11 @@ fn state_source(
     })?;
     let initial = match watcher::load_persisted(&cfg.data_dir) {
         Ok(Some(s)) => {
-            info!(revision = s.revision(), services = s.services().count(), "loaded the persisted state");
+            info!(
+                revision = s.revision(),
+                services = s.services().count(),
+                "loaded the persisted state"
+            );
             s
         }
         Ok(None) => NodeState::unsynced(),

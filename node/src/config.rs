@@ -108,8 +108,14 @@ mod tests {
 
     #[test]
     fn policy_names() {
-        assert_eq!("least-conn".parse::<LbPolicy>().expect("lc"), LbPolicy::LeastConn);
-        assert_eq!("round-robin".parse::<LbPolicy>().expect("rr"), LbPolicy::RoundRobin);
+        assert_eq!(
+            "least-conn".parse::<LbPolicy>().expect("lc"),
+            LbPolicy::LeastConn
+        );
+        assert_eq!(
+            "round-robin".parse::<LbPolicy>().expect("rr"),
+            LbPolicy::RoundRobin
+        );
         assert!("random".parse::<LbPolicy>().is_err());
         assert!(!Config::default().name.is_empty());
     }

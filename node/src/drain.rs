@@ -41,7 +41,10 @@ impl Drain {
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::info!(
                 open_tasks = self.tracker.len(),
                 grace_secs = grace.as_secs_f64(),

@@ -87,7 +87,11 @@ impl Route {
     }
 
     fn port_number(&self) -> u16 {
-        self.service.ports.get(self.port).map(|p| p.port).unwrap_or(0)
+        self.service
+            .ports
+            .get(self.port)
+            .map(|p| p.port)
+            .unwrap_or(0)
     }
 }
 
@@ -106,7 +110,10 @@ impl EndpointStats {
     }
 
     fn failed(&self, addr: SocketAddr) {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         if n >= EJECT_AFTER {
             let doublings = (n - EJECT_AFTER).min(8);
             let period = EJECT_BASE.saturating_mul(1 << doublings).min(EJECT_MAX);
@@ -178,7 +185,8 @@ impl Forwarder {
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
         let mut last_err = None;
         while tried.len() < MAX_ATTEMPTS {
-            let Some(addr) = self.pick(&pkey, route.service.affinity, &endpoints, &tried, peer.ip())
+            let Some(addr) =
+                self.pick(&pkey, route.service.affinity, &endpoints, &tried, peer.ip())
             else {
                 break;
             };
@@ -397,8 +405,15 @@ mod tests {
     #[test]
     fn external_local_policy() {
         let eps = vec![ep(1, true, true, false, "a"), ep(2, true, true, false, "b")];
-        assert_eq!(addrs(route(eps.clone(), true, true).usable_endpoints("b")), [2]);
-        assert!(route(eps.clone(), true, true).usable_endpoints("c").is_empty());
+        assert_eq!(
+            addrs(route(eps.clone(), true, true).usable_endpoints("b")),
+            [2]
+        );
+        assert!(
+            route(eps.clone(), true, true)
+                .usable_endpoints("c")
+                .is_empty()
+        );
         // ClusterIP traffic ignores externalTrafficPolicy.
         assert_eq!(addrs(route(eps, false, true).usable_endpoints("c")), [1, 2]);
     }
@@ -410,7 +425,9 @@ mod tests {
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let key = (ServiceKey::new("default", "web"), 80);
         let client: IpAddr = [127, 0, 0, 1].into();
-        fwd.stats_for(eps[0].addr).active.store(5, Ordering::Relaxed);
+        fwd.stats_for(eps[0].addr)
+            .active
+            .store(5, Ordering::Relaxed);
         for _ in 0..20 {
             assert_eq!(fwd.pick(&key, None, &refs, &[], client), Some(eps[1].addr));
         }
@@ -419,8 +436,14 @@ mod tests {
         s.failed(eps[1].addr);
         assert_eq!(fwd.pick(&key, None, &refs, &[], client), Some(eps[0].addr));
         // With everything else tried, an ejected endpoint is still a last resort.
-        assert_eq!(fwd.pick(&key, None, &refs, &[eps[0].addr], client), Some(eps[1].addr));
-        assert_eq!(fwd.pick(&key, None, &refs, &[eps[0].addr, eps[1].addr], client), None);
+        assert_eq!(
+            fwd.pick(&key, None, &refs, &[eps[0].addr], client),
+            Some(eps[1].addr)
+        );
+        assert_eq!(
+            fwd.pick(&key, None, &refs, &[eps[0].addr, eps[1].addr], client),
+            None
+        );
     }
 
     #[test]

@@ -58,7 +58,9 @@ impl RouteCapture {
                 continue;
             }
             let s = cidr.to_string();
-            match ip(&["route", "replace", "local", &s, "dev", "lo", "table", "local"]) {
+            match ip(&[
+                "route", "replace", "local", &s, "dev", "lo", "table", "local",
+            ]) {
                 Ok(()) => {
                     info!(%cidr, "route capture installed");
                     capture.installed.push(*cidr);
@@ -68,7 +70,10 @@ impl RouteCapture {
                         || stderr.contains("Permission denied") =>
                 {
                     capture.remove();
-                    return Err(RouteError::Permission { cidr: *cidr, stderr });
+                    return Err(RouteError::Permission {
+                        cidr: *cidr,
+                        stderr,
+                    });
                 }
                 Err(e) => {
                     capture.remove();
@@ -93,7 +98,9 @@ impl RouteCapture {
 
 fn already_local(cidr: &IpNet) -> Result<bool, RouteError> {
     let s = cidr.to_string();
-    let args = ["route", "show", "table", "local", "type", "local", "exact", &s];
+    let args = [
+        "route", "show", "table", "local", "type", "local", "exact", &s,
+    ];
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -475,7 +475,10 @@ endpoints:
 "#;
 
     fn state() -> NodeState {
-        NodeState::from_objects(strait_proto::manifest::parse(MANIFEST).expect("manifest"), 7)
+        NodeState::from_objects(
+            strait_proto::manifest::parse(MANIFEST).expect("manifest"),
+            7,
+        )
     }
 
     #[test]
@@ -492,7 +495,9 @@ endpoints:
         assert_eq!(addrs, ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]);
         assert!(http.endpoints[0].ready);
         assert_eq!(http.endpoints[0].node_name.as_deref(), Some("n1"));
-        assert!(!http.endpoints[1].ready && http.endpoints[1].serving && http.endpoints[1].terminating);
+        assert!(
+            !http.endpoints[1].ready && http.endpoints[1].serving && http.endpoints[1].terminating
+        );
         let dns = &web.ports[1];
         assert_eq!(dns.protocol, "UDP");
         assert_eq!(dns.endpoints.len(), 2);
@@ -520,7 +525,9 @@ endpoints:
             })
             .expect("apply");
         assert_eq!(next.revision(), 8);
-        let web = next.service(&ServiceKey::new("default", "web")).expect("web");
+        let web = next
+            .service(&ServiceKey::new("default", "web"))
+            .expect("web");
         assert_eq!(web.ports[0].endpoints.len(), 2);
         // The old snapshot is untouched.
         let old = s.service(&ServiceKey::new("default", "web")).expect("web");
@@ -529,7 +536,9 @@ endpoints:
         let list = next.to_list_response();
         let again = NodeState::from_objects(list.items, list.revision);
         assert_eq!(again.revision(), 8);
-        let web = again.service(&ServiceKey::new("default", "web")).expect("web");
+        let web = again
+            .service(&ServiceKey::new("default", "web"))
+            .expect("web");
         assert_eq!(web.ports[0].endpoints.len(), 2);
 
         let replaced = again

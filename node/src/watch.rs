@@ -97,11 +97,10 @@ pub fn load_static(path: &Path) -> Result<NodeState, WatchError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let objects =
-        strait_proto::manifest::parse(&text).map_err(|source| WatchError::Manifest {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let objects = strait_proto::manifest::parse(&text).map_err(|source| WatchError::Manifest {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(NodeState::from_objects(objects, 0))
 }
 
@@ -300,7 +299,10 @@ impl Watcher {
             *progressed = true;
             let current = self.tx.borrow().clone();
             if !resp.initial && current.is_synced() && resp.revision <= current.revision() {
-                debug!(revision = resp.revision, "skipping a revision already applied");
+                debug!(
+                    revision = resp.revision,
+                    "skipping a revision already applied"
+                );
                 continue;
             }
             let next = current.apply(&resp).map_err(|source| WatchError::State {
@@ -310,7 +312,11 @@ impl Watcher {
             if resp.initial {
                 info!(%addr, revision = resp.revision, services = next.services().count(), "full state received");
             } else {
-                debug!(revision = resp.revision, events = resp.events.len(), "changes applied");
+                debug!(
+                    revision = resp.revision,
+                    events = resp.events.len(),
+                    "changes applied"
+                );
             }
             *resume = Some(next.revision());
             self.tx.send_replace(Arc::new(next));
@@ -365,7 +371,10 @@ fn jitter(backoff: Duration) -> Duration {
 
 /// `t` as RFC 3339 UTC with second precision (Kubernetes' metav1.Time).
 fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     // Howard Hinnant's days-to-civil.
@@ -419,6 +428,9 @@ mod tests {
         assert_eq!(back.revision(), 42);
         assert_eq!(back.services().count(), 1);
         std::fs::write(dir.path().join(STATE_FILE), b"\xff\xff\xff").expect("write");
-        assert!(matches!(load_persisted(dir.path()), Err(WatchError::Decode { .. })));
+        assert!(matches!(
+            load_persisted(dir.path()),
+            Err(WatchError::Decode { .. })
+        ));
     }
 }

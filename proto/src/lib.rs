@@ -10,7 +10,7 @@ pub mod v1 {
 }
 
 mod int_or_string;
-mod object;
 pub mod manifest;
+mod object;
 
 pub use object::{Kind, UnknownKind};

@@ -19,16 +19,33 @@ pub enum ManifestError {
     Yaml(String),
     /// JSON syntax error.
     #[error("error parsing JSON at line {line}, column {column}: {msg}")]
-    Json { line: usize, column: usize, msg: String },
+    Json {
+        line: usize,
+        column: usize,
+        msg: String,
+    },
     /// A document without `apiVersion`/`kind`, or of a kind Strait lacks.
     #[error("document {doc}: {msg}")]
     Type { doc: usize, msg: String },
     /// A field that does not fit the kind's schema (unknown, wrong type).
     #[error("document {doc} ({kind} {name:?}): error decoding {path}: {msg}")]
-    Field { doc: usize, kind: Kind, name: String, path: String, msg: String },
+    Field {
+        doc: usize,
+        kind: Kind,
+        name: String,
+        path: String,
+        msg: String,
+    },
     /// A document over the size limit.
-    #[error("document {doc} ({kind} {name:?}) is {size} bytes, larger than the {MAX_DOCUMENT_BYTES}-byte limit")]
-    TooLarge { doc: usize, kind: Kind, name: String, size: usize },
+    #[error(
+        "document {doc} ({kind} {name:?}) is {size} bytes, larger than the {MAX_DOCUMENT_BYTES}-byte limit"
+    )]
+    TooLarge {
+        doc: usize,
+        kind: Kind,
+        name: String,
+        size: usize,
+    },
 }
 
 /// Parses every object in `text`.
@@ -38,7 +55,11 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
         let mut out = Vec::new();
         let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
         for v in stream {
-            let v = v.map_err(|e| ManifestError::Json { line: e.line(), column: e.column(), msg: e.to_string() })?;
+            let v = v.map_err(|e| ManifestError::Json {
+                line: e.line(),
+                column: e.column(),
+                msg: e.to_string(),
+            })?;
             match v {
                 Value::Array(items) => out.extend(items),
                 v => out.push(v),
@@ -46,7 +67,8 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
         }
         out
     } else {
-        serde_saphyr::from_multiple::<Value>(text).map_err(|e| ManifestError::Yaml(e.to_string()))?
+        serde_saphyr::from_multiple::<Value>(text)
+            .map_err(|e| ManifestError::Yaml(e.to_string()))?
     };
     let mut objects = Vec::new();
     let mut doc = 0;
@@ -56,7 +78,11 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
         }
         doc += 1;
         if v.get("kind").and_then(Value::as_str) == Some("List") {
-            let items = v.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+            let items = v
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             for item in items {
                 objects.push(object(doc, item)?);
             }
@@ -67,7 +93,12 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
     Ok(objects)
 }
 
-fn typed<T: DeserializeOwned>(doc: usize, kind: Kind, name: &str, v: Value) -> Result<T, ManifestError> {
+fn typed<T: DeserializeOwned>(
+    doc: usize,
+    kind: Kind,
+    name: &str,
+    v: Value,
+) -> Result<T, ManifestError> {
     serde_path_to_error::deserialize(v).map_err(|e| ManifestError::Field {
         doc,
         kind,
@@ -80,13 +111,19 @@ fn typed<T: DeserializeOwned>(doc: usize, kind: Kind, name: &str, v: Value) -> R
 /// One document to an object.
 pub fn object(doc: usize, v: Value) -> Result<Object, ManifestError> {
     let Some(map) = v.as_object() else {
-        return Err(ManifestError::Type { doc, msg: "a manifest document must be a mapping".into() });
+        return Err(ManifestError::Type {
+            doc,
+            msg: "a manifest document must be a mapping".into(),
+        });
     };
     let api = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind_s = map.get("kind").and_then(Value::as_str).unwrap_or("");
     if api.is_empty() || kind_s.is_empty() {
         let missing = if api.is_empty() { "apiVersion" } else { "kind" };
-        return Err(ManifestError::Type { doc, msg: format!("Object '{missing}' is missing") });
+        return Err(ManifestError::Type {
+            doc,
+            msg: format!("Object '{missing}' is missing"),
+        });
     }
     let kind = match Kind::ALL.iter().find(|k| k.as_str() == kind_s) {
         Some(k) if k.api_version() == api => *k,
@@ -105,7 +142,12 @@ pub fn object(doc: usize, v: Value) -> Result<Object, ManifestError> {
         .to_string();
     let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0);
     if size > MAX_DOCUMENT_BYTES {
-        return Err(ManifestError::TooLarge { doc, kind, name, size });
+        return Err(ManifestError::TooLarge {
+            doc,
+            kind,
+            name,
+            size,
+        });
     }
     Ok(match kind {
         Kind::Service => typed::<crate::v1::Service>(doc, kind, &name, v)?.into(),
@@ -138,14 +180,20 @@ mod tests {
 
     #[test]
     fn syntax_error_has_position() {
-        let e = parse("apiVersion: v1\nkind: Service\nmetadata: [\n").expect_err("bad").to_string();
+        let e = parse("apiVersion: v1\nkind: Service\nmetadata: [\n")
+            .expect_err("bad")
+            .to_string();
         assert!(e.contains("line") || e.contains(':'), "{e}");
     }
 
     #[test]
     fn unknown_kind() {
-        let e = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n").expect_err("kind");
-        assert!(e.to_string().contains("no matches for kind \"Deployment\" in version \"apps/v1\""));
+        let e = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n")
+            .expect_err("kind");
+        assert!(
+            e.to_string()
+                .contains("no matches for kind \"Deployment\" in version \"apps/v1\"")
+        );
     }
 
     #[test]

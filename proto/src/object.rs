@@ -83,7 +83,9 @@ impl FromStr for Kind {
             "service" | "services" | "svc" => Ok(Kind::Service),
             "pod" | "pods" | "po" => Ok(Kind::Pod),
             "node" | "nodes" | "no" => Ok(Kind::Node),
-            "endpointslice" | "endpointslices" | "endpointslice.discovery.k8s.io"
+            "endpointslice"
+            | "endpointslices"
+            | "endpointslice.discovery.k8s.io"
             | "endpointslices.discovery.k8s.io" => Ok(Kind::EndpointSlice),
             _ => Err(UnknownKind(s.to_string())),
         }

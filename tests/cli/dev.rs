@@ -38,7 +38,9 @@ fn dev_cluster_forwards_cluster_ip_node_port_and_load_balancer() {
     });
     let mut urls = Vec::new();
     while urls.len() < 3 {
-        let line = rx.recv_timeout(DEADLINE).expect("strait dev printed its instructions");
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .expect("strait dev printed its instructions");
         if let Some(rest) = line.trim().strip_prefix("curl http://") {
             urls.push(rest.split('/').next().expect("addr").to_string());
         }
@@ -56,7 +58,10 @@ fn dev_cluster_forwards_cluster_ip_node_port_and_load_balancer() {
         }
     }
     assert_eq!(seen.len(), 2, "expected both backends, saw {seen:?}");
-    assert!(seen.iter().all(|b| b.starts_with("hello from backend-")), "{seen:?}");
+    assert!(
+        seen.iter().all(|b| b.starts_with("hello from backend-")),
+        "{seen:?}"
+    );
     // NodePort and LoadBalancer reach the demo frontends (root can bind :80).
     let np = eventually("NodePort answers", || fetch(node_port));
     assert!(np.starts_with("hello from frontend-"), "{np}");

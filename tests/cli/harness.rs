@@ -48,7 +48,9 @@ impl Control {
             .expect("spawn strait control");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read listening line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listening line");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -60,7 +62,9 @@ impl Control {
             data_dir: data_dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        eventually("the replica to serve", || c.cli(&["get", "svc"]).status.success().then_some(()));
+        eventually("the replica to serve", || {
+            c.cli(&["get", "svc"]).status.success().then_some(())
+        });
         c
     }
 
@@ -108,7 +112,12 @@ pub fn cli(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("spawn strait");
     if let Some(s) = stdin {
-        child.stdin.take().expect("stdin").write_all(s.as_bytes()).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(s.as_bytes())
+            .expect("write stdin");
     } else {
         drop(child.stdin.take());
     }
@@ -125,13 +134,22 @@ pub fn stderr(o: &Output) -> String {
 
 /// Asserts success and returns stdout.
 pub fn ok(o: Output) -> String {
-    assert!(o.status.success(), "command failed:\nstdout: {}\nstderr: {}", stdout(&o), stderr(&o));
+    assert!(
+        o.status.success(),
+        "command failed:\nstdout: {}\nstderr: {}",
+        stdout(&o),
+        stderr(&o)
+    );
     stdout(&o)
 }
 
 /// Asserts failure and returns stderr.
 pub fn fails(o: Output) -> String {
-    assert!(!o.status.success(), "command unexpectedly succeeded:\nstdout: {}", stdout(&o));
+    assert!(
+        !o.status.success(),
+        "command unexpectedly succeeded:\nstdout: {}",
+        stdout(&o)
+    );
     stderr(&o)
 }
 

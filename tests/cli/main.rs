@@ -30,13 +30,22 @@ fn examples_apply_unchanged_and_show_in_get_svc() {
     let header = table.lines().next().expect("header");
     assert!(header.starts_with("NAME") && header.contains("TYPE") && header.contains("CLUSTER-IP"));
     assert!(header.contains("EXTERNAL-IP") && header.contains("PORT(S)") && header.contains("AGE"));
-    let row = |n: &str| table.lines().find(|l| l.starts_with(n)).unwrap_or_else(|| panic!("no row {n}: {table}")).to_string();
+    let row = |n: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_else(|| panic!("no row {n}: {table}"))
+            .to_string()
+    };
     assert!(row("frontend-svc ").contains("80:31000/TCP"), "{table}");
     assert!(row("db-svc ").contains("mydb.amazonaws.com"), "{table}");
     assert!(row("web-lb ").contains("192.0.2.1"), "{table}");
     assert!(row("backend-svc ").contains("9090/TCP"), "{table}");
     // ClusterIPs come from the default service CIDR 10.96.0.0/12.
-    let ip = get_json(&c, &["svc", "backend-svc"])["spec"]["clusterIP"].as_str().expect("ip").to_string();
+    let ip = get_json(&c, &["svc", "backend-svc"])["spec"]["clusterIP"]
+        .as_str()
+        .expect("ip")
+        .to_string();
     let octets: Vec<u8> = ip.split('.').map(|o| o.parse().expect("octet")).collect();
     assert_eq!(octets[0], 10);
     assert!((96..112).contains(&octets[1]), "{ip}");
@@ -54,46 +63,116 @@ fn invalid_services_are_refused_with_apiserver_wording_and_change_nothing() {
             "  type: NodePort\n  ports:\n  - port: 80\n    nodePort: 80\n",
             "The Service \"web\" is invalid: spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range. The range of valid ports is 30000-32767",
         ),
-        ("  ports:\n  - port: 0\n", "spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive"),
-        ("  ports:\n  - port: 80\n  - port: 81\n", "spec.ports[0].name: Required value"),
-        ("  ports:\n  - {name: a, port: 80}\n  - {name: a, port: 81}\n", "spec.ports[1].name: Duplicate value: \"a\""),
-        ("  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 80}\n", "spec.ports[1]: Duplicate value"),
-        ("  ports:\n  - port: 80\n    targetPort: 8080x--y\n", "spec.ports[0].targetPort: Invalid value: \"8080x--y\""),
-        ("  ports:\n  - port: 80\n    nodePort: 30001\n", "spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'"),
-        ("  type: NodePort\n  clusterIP: None\n  ports:\n  - port: 80\n", "spec.clusterIP: Invalid value: \"None\": may not be set to 'None' for NodePort services"),
-        ("  type: ExternalName\n  externalName: Bad_Name\n", "spec.externalName: Invalid value: \"Bad_Name\""),
-        ("  type: ExternalName\n  externalName: a.example.com\n  clusterIP: 10.96.0.9\n", "spec.clusterIP: Forbidden: may not be set for ExternalName services"),
-        ("  ports:\n  - port: 80\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 86401\n", "spec.sessionAffinityConfig.clientIP.timeoutSeconds: Invalid value: 86401: must be greater than 0 and less than 86400"),
-        ("  ports:\n  - port: 80\n  externalTrafficPolicy: Local\n", "spec.externalTrafficPolicy: Invalid value: \"Local\": may only be set for externally-accessible services"),
-        ("  clusterIP: 10.0.0.1\n  ports:\n  - port: 80\n", "failed to allocate IP 10.0.0.1: provided IP is not in the valid range. The range of valid IPs is 10.96.0.0/12"),
-        ("  type: Foo\n  ports:\n  - port: 80\n", "spec.type: Unsupported value: \"Foo\": supported values: \"ClusterIP\", \"NodePort\", \"LoadBalancer\", \"ExternalName\""),
+        (
+            "  ports:\n  - port: 0\n",
+            "spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive",
+        ),
+        (
+            "  ports:\n  - port: 80\n  - port: 81\n",
+            "spec.ports[0].name: Required value",
+        ),
+        (
+            "  ports:\n  - {name: a, port: 80}\n  - {name: a, port: 81}\n",
+            "spec.ports[1].name: Duplicate value: \"a\"",
+        ),
+        (
+            "  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 80}\n",
+            "spec.ports[1]: Duplicate value",
+        ),
+        (
+            "  ports:\n  - port: 80\n    targetPort: 8080x--y\n",
+            "spec.ports[0].targetPort: Invalid value: \"8080x--y\"",
+        ),
+        (
+            "  ports:\n  - port: 80\n    nodePort: 30001\n",
+            "spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'",
+        ),
+        (
+            "  type: NodePort\n  clusterIP: None\n  ports:\n  - port: 80\n",
+            "spec.clusterIP: Invalid value: \"None\": may not be set to 'None' for NodePort services",
+        ),
+        (
+            "  type: ExternalName\n  externalName: Bad_Name\n",
+            "spec.externalName: Invalid value: \"Bad_Name\"",
+        ),
+        (
+            "  type: ExternalName\n  externalName: a.example.com\n  clusterIP: 10.96.0.9\n",
+            "spec.clusterIP: Forbidden: may not be set for ExternalName services",
+        ),
+        (
+            "  ports:\n  - port: 80\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 86401\n",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds: Invalid value: 86401: must be greater than 0 and less than 86400",
+        ),
+        (
+            "  ports:\n  - port: 80\n  externalTrafficPolicy: Local\n",
+            "spec.externalTrafficPolicy: Invalid value: \"Local\": may only be set for externally-accessible services",
+        ),
+        (
+            "  clusterIP: 10.0.0.1\n  ports:\n  - port: 80\n",
+            "failed to allocate IP 10.0.0.1: provided IP is not in the valid range. The range of valid IPs is 10.96.0.0/12",
+        ),
+        (
+            "  type: Foo\n  ports:\n  - port: 80\n",
+            "spec.type: Unsupported value: \"Foo\": supported values: \"ClusterIP\", \"NodePort\", \"LoadBalancer\", \"ExternalName\"",
+        ),
         ("  ports: []\n", "spec.ports: Required value"),
     ];
     let before = ok(c.cli(&["cluster", "status"]));
     for (body, want) in cases {
         let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("web", body)));
-        assert!(err.contains(want), "for spec\n{body}\nwant {want:?}\ngot {err}");
+        assert!(
+            err.contains(want),
+            "for spec\n{body}\nwant {want:?}\ngot {err}"
+        );
         assert!(err.contains("Error from server (Invalid)"), "{err}");
     }
     // A bad name is reported on metadata.name with the DNS-1035 rule.
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("1web", "  ports:\n  - port: 80\n")));
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("1web", "  ports:\n  - port: 80\n"),
+    ));
     assert!(err.contains("metadata.name: Invalid value: \"1web\": a DNS-1035 label must consist of lower case alphanumeric characters"), "{err}");
     // Nothing was stored and the revision did not move.
-    assert_eq!(ok(c.cli(&["cluster", "status"])).lines().next(), before.lines().next());
-    assert!(get_json(&c, &["svc"])["items"].as_array().is_none_or(Vec::is_empty));
+    assert_eq!(
+        ok(c.cli(&["cluster", "status"])).lines().next(),
+        before.lines().next()
+    );
+    assert!(
+        get_json(&c, &["svc"])["items"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    );
 }
 
 #[test]
 fn malformed_manifests_are_reported_with_position_and_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = Control::start(dir.path(), &[]);
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], "apiVersion: v1\nkind: Service\nmetadata: [\n"));
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: [\n",
+    ));
     assert!(err.contains("line"), "{err}");
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("web", "  ports:\n  - port: 80\n    protocl: TCP\n")));
-    assert!(err.contains("spec.ports[0]") && err.contains("protocl"), "{err}");
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n"));
-    assert!(err.contains("no matches for kind \"Deployment\" in version \"apps/v1\""), "{err}");
-    let big = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: big\n  annotations:\n    a: \"{}\"\nspec:\n  ports:\n  - port: 80\n", "x".repeat(1_100_000));
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("web", "  ports:\n  - port: 80\n    protocl: TCP\n"),
+    ));
+    assert!(
+        err.contains("spec.ports[0]") && err.contains("protocl"),
+        "{err}"
+    );
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n",
+    ));
+    assert!(
+        err.contains("no matches for kind \"Deployment\" in version \"apps/v1\""),
+        "{err}"
+    );
+    let big = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: big\n  annotations:\n    a: \"{}\"\nspec:\n  ports:\n  - port: 80\n",
+        "x".repeat(1_100_000)
+    );
     let err = fails(c.cli_stdin(&["apply", "-f", "-"], &big));
     assert!(err.contains("limit"), "{err}");
 }
@@ -102,45 +181,124 @@ fn malformed_manifests_are_reported_with_position_and_field() {
 fn allocators_exhaust_and_release() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A /29 holds 6 assignable addresses; the NodePort range holds 2 ports.
-    let c = Control::start(dir.path(), &["--service-cidr", "10.200.0.0/29", "--node-port-range", "30000-30001"]);
+    let c = Control::start(
+        dir.path(),
+        &[
+            "--service-cidr",
+            "10.200.0.0/29",
+            "--node-port-range",
+            "30000-30001",
+        ],
+    );
     for i in 0..6 {
-        ok(c.cli_stdin(&["apply", "-f", "-"], &svc(&format!("s{i}"), "  ports:\n  - port: 80\n")));
+        ok(c.cli_stdin(
+            &["apply", "-f", "-"],
+            &svc(&format!("s{i}"), "  ports:\n  - port: 80\n"),
+        ));
     }
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("s6", "  ports:\n  - port: 80\n")));
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("s6", "  ports:\n  - port: 80\n"),
+    ));
     assert!(err.contains("range is full"), "{err}");
     ok(c.cli(&["delete", "svc", "s3"]));
-    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("s6", "  ports:\n  - port: 80\n")));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("s6", "  ports:\n  - port: 80\n"),
+    ));
 
     // NodePorts: a requested port is honoured, a taken one refused, then full.
     ok(c.cli(&["delete", "svc", "s0"]));
     ok(c.cli(&["delete", "svc", "s1"]));
-    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("np1", "  type: NodePort\n  ports:\n  - port: 80\n    nodePort: 30001\n")));
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("np2", "  type: NodePort\n  ports:\n  - port: 80\n    nodePort: 30001\n")));
-    assert!(err.contains("spec.ports[0].nodePort: Invalid value: 30001: provided port is already allocated"), "{err}");
-    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("np2", "  type: NodePort\n  ports:\n  - port: 80\n")));
-    assert_eq!(get_json(&c, &["svc", "np2"])["spec"]["ports"][0]["nodePort"], 30000);
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc(
+            "np1",
+            "  type: NodePort\n  ports:\n  - port: 80\n    nodePort: 30001\n",
+        ),
+    ));
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc(
+            "np2",
+            "  type: NodePort\n  ports:\n  - port: 80\n    nodePort: 30001\n",
+        ),
+    ));
+    assert!(
+        err.contains(
+            "spec.ports[0].nodePort: Invalid value: 30001: provided port is already allocated"
+        ),
+        "{err}"
+    );
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("np2", "  type: NodePort\n  ports:\n  - port: 80\n"),
+    ));
+    assert_eq!(
+        get_json(&c, &["svc", "np2"])["spec"]["ports"][0]["nodePort"],
+        30000
+    );
     ok(c.cli(&["delete", "svc", "np1"]));
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("np3", "  type: NodePort\n  ports:\n  - port: 80\n  - {name: b, port: 81}\n").replace("- port: 80", "- {name: a, port: 80}")));
+    let err = fails(
+        c.cli_stdin(
+            &["apply", "-f", "-"],
+            &svc(
+                "np3",
+                "  type: NodePort\n  ports:\n  - port: 80\n  - {name: b, port: 81}\n",
+            )
+            .replace("- port: 80", "- {name: a, port: 80}"),
+        ),
+    );
     assert!(err.contains("range is full"), "{err}");
     // The refused write leaked nothing: one port is still free.
-    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("np3", "  type: NodePort\n  ports:\n  - port: 80\n")));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("np3", "  type: NodePort\n  ports:\n  - port: 80\n"),
+    ));
 }
 
 #[test]
 fn cluster_ip_is_immutable_and_kept_across_applies() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = Control::start(dir.path(), &[]);
-    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("web", "  ports:\n  - port: 80\n")));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("web", "  ports:\n  - port: 80\n"),
+    ));
     let first = get_json(&c, &["svc", "web"]);
     let ip = first["spec"]["clusterIP"].as_str().expect("ip").to_string();
-    let out = ok(c.cli_stdin(&["apply", "-f", "-"], &svc("web", "  ports:\n  - port: 81\n")));
+    let out = ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("web", "  ports:\n  - port: 81\n"),
+    ));
     assert!(out.contains("service/web configured"), "{out}");
-    assert_eq!(get_json(&c, &["svc", "web"])["spec"]["clusterIP"], Value::String(ip.clone()));
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("web", "  clusterIP: 10.96.0.77\n  ports:\n  - port: 81\n")));
-    assert!(err.contains("spec.clusterIP: Invalid value: \"10.96.0.77\": field is immutable"), "{err}");
+    assert_eq!(
+        get_json(&c, &["svc", "web"])["spec"]["clusterIP"],
+        Value::String(ip.clone())
+    );
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("web", "  clusterIP: 10.96.0.77\n  ports:\n  - port: 81\n"),
+    ));
+    assert!(
+        err.contains("spec.clusterIP: Invalid value: \"10.96.0.77\": field is immutable"),
+        "{err}"
+    );
     // A requested free address is honoured.
-    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("pinned", "  clusterIP: 10.96.0.77\n  ports:\n  - port: 80\n")));
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("pinned2", "  clusterIP: 10.96.0.77\n  ports:\n  - port: 80\n")));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc(
+            "pinned",
+            "  clusterIP: 10.96.0.77\n  ports:\n  - port: 80\n",
+        ),
+    ));
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc(
+            "pinned2",
+            "  clusterIP: 10.96.0.77\n  ports:\n  - port: 80\n",
+        ),
+    ));
     assert!(err.contains("provided IP is already allocated"), "{err}");
 }
 
@@ -204,7 +362,11 @@ fn endpoints(c: &Control) -> Vec<(String, i64, bool)> {
         let port = s["ports"][0]["port"].as_i64().expect("port");
         for e in s["endpoints"].as_array().cloned().unwrap_or_default() {
             let ready = e["conditions"]["ready"].as_bool().unwrap_or(false);
-            out.push((e["addresses"][0].as_str().expect("addr").to_string(), port, ready));
+            out.push((
+                e["addresses"][0].as_str().expect("addr").to_string(),
+                port,
+                ready,
+            ));
         }
     }
     out.sort();
@@ -234,11 +396,17 @@ fn endpoint_slices_follow_pods_with_named_ports_and_readiness() {
     ok(c.cli_stdin(&["apply", "-f", "-"], unready));
     assert!(endpoints(&c).contains(&("10.1.0.1".into(), 8080, false)));
     // Relabel a pod out of the selector; delete another.
-    ok(c.cli_stdin(&["apply", "-f", "-"], &unready.replace("app: web", "app: gone")));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &unready.replace("app: web", "app: gone"),
+    ));
     ok(c.cli(&["delete", "pod", "b"]));
     assert_eq!(endpoints(&c), vec![("10.0.0.1".into(), 7070, true)]);
     // Derived slices may not be written or deleted by hand.
-    let name = get_json(&c, &["endpointslices"])["items"][0]["metadata"]["name"].as_str().expect("name").to_string();
+    let name = get_json(&c, &["endpointslices"])["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
     let err = fails(c.cli(&["delete", "endpointslice", &name]));
     assert!(err.contains("Forbidden"), "{err}");
     // Deleting the Service removes its slices.
@@ -252,33 +420,77 @@ fn selectorless_services_take_operator_written_slices() {
     let c = Control::start(dir.path(), &[]);
     let manifest = "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ext-1\n  labels: {kubernetes.io/service-name: ext}\naddressType: IPv4\nendpoints:\n- addresses: [192.0.2.10]\nports:\n- port: 8080\n";
     let out = ok(c.cli_stdin(&["apply", "-f", "-"], manifest));
-    assert!(out.contains("endpointslice.discovery.k8s.io/ext-1 created"), "{out}");
+    assert!(
+        out.contains("endpointslice.discovery.k8s.io/ext-1 created"),
+        "{out}"
+    );
     let desc = ok(c.cli(&["describe", "svc", "ext"]));
     assert!(desc.contains("192.0.2.10"), "{desc}");
     // The same for a Service with a selector is refused.
     ok(c.cli_stdin(&["apply", "-f", "-"], "apiVersion: v1\nkind: Service\nmetadata: {name: sel}\nspec:\n  selector: {app: x}\n  ports: [{port: 80}]\n"));
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &manifest.replace("service-name: ext", "service-name: sel").split("---").nth(1).expect("slice").replace("ext-1", "sel-1")));
-    assert!(err.contains("Forbidden") && err.contains("has a selector"), "{err}");
+    let err = fails(
+        c.cli_stdin(
+            &["apply", "-f", "-"],
+            &manifest
+                .replace("service-name: ext", "service-name: sel")
+                .split("---")
+                .nth(1)
+                .expect("slice")
+                .replace("ext-1", "sel-1"),
+        ),
+    );
+    assert!(
+        err.contains("Forbidden") && err.contains("has a selector"),
+        "{err}"
+    );
 }
 
 #[test]
 fn state_and_revision_survive_a_kill_9_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = Control::start(dir.path(), &["--lb-pool", "192.0.2.0/28", "--snapshot-every", "5"]);
+    let mut c = Control::start(
+        dir.path(),
+        &["--lb-pool", "192.0.2.0/28", "--snapshot-every", "5"],
+    );
     ok(c.cli(&["apply", "-f", examples_dir().to_str().expect("path")]));
     for i in 0..8 {
-        ok(c.cli_stdin(&["apply", "-f", "-"], &svc(&format!("extra{i}"), "  ports:\n  - port: 80\n")));
+        ok(c.cli_stdin(
+            &["apply", "-f", "-"],
+            &svc(&format!("extra{i}"), "  ports:\n  - port: 80\n"),
+        ));
     }
     let before = get_json(&c, &["svc", "-A"]);
-    let rev_before = ok(c.cli(&["cluster", "status"])).lines().next().expect("line").to_string();
+    let rev_before = ok(c.cli(&["cluster", "status"]))
+        .lines()
+        .next()
+        .expect("line")
+        .to_string();
     c.restart();
-    eventually("state restored", || (get_json(&c, &["svc", "-A"]) == before).then_some(()));
+    eventually("state restored", || {
+        (get_json(&c, &["svc", "-A"]) == before).then_some(())
+    });
     let rev_after = ok(c.cli(&["cluster", "status"]));
-    let rev = |s: &str| s.split("revision:").nth(1).map(|r| r.trim().split_whitespace().next().unwrap_or("").to_string());
-    assert_eq!(rev(&rev_before), rev(rev_after.lines().next().expect("line")));
+    let rev = |s: &str| {
+        s.split("revision:")
+            .nth(1)
+            .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+    };
+    assert_eq!(
+        rev(&rev_before),
+        rev(rev_after.lines().next().expect("line"))
+    );
     // Allocations were rebuilt: the same ClusterIP cannot be taken again.
-    let ip = before["items"][0]["spec"]["clusterIP"].as_str().expect("ip").to_string();
-    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &svc("dup", &format!("  clusterIP: {ip}\n  ports:\n  - port: 80\n"))));
+    let ip = before["items"][0]["spec"]["clusterIP"]
+        .as_str()
+        .expect("ip")
+        .to_string();
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc(
+            "dup",
+            &format!("  clusterIP: {ip}\n  ports:\n  - port: 80\n"),
+        ),
+    ));
     assert!(err.contains("already allocated"), "{err}");
 }
 
@@ -286,12 +498,26 @@ fn state_and_revision_survive_a_kill_9_restart() {
 fn stale_resource_version_is_a_conflict() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = Control::start(dir.path(), &[]);
-    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("web", "  ports:\n  - port: 80\n")));
-    let rv = get_json(&c, &["svc", "web"])["metadata"]["resourceVersion"].as_str().expect("rv").to_string();
-    let with_rv = |port: u16| format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  resourceVersion: \"{rv}\"\nspec:\n  ports:\n  - port: {port}\n");
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("web", "  ports:\n  - port: 80\n"),
+    ));
+    let rv = get_json(&c, &["svc", "web"])["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_string();
+    let with_rv = |port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  resourceVersion: \"{rv}\"\nspec:\n  ports:\n  - port: {port}\n"
+        )
+    };
     ok(c.cli_stdin(&["apply", "-f", "-"], &with_rv(81)));
     let err = fails(c.cli_stdin(&["apply", "-f", "-"], &with_rv(82)));
-    assert!(err.contains("Error from server (Conflict)") && err.contains("the object has been modified"), "{err}");
+    assert!(
+        err.contains("Error from server (Conflict)")
+            && err.contains("the object has been modified"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -303,7 +529,10 @@ fn concurrent_applies_get_distinct_allocations() {
         .map(|i| {
             let addr = addr.clone();
             std::thread::spawn(move || {
-                let body = svc(&format!("c{i}"), "  type: NodePort\n  ports:\n  - port: 80\n");
+                let body = svc(
+                    &format!("c{i}"),
+                    "  type: NodePort\n  ports:\n  - port: 80\n",
+                );
                 cli(&addr, &["apply", "-f", "-"], Some(&body))
             })
         })
@@ -314,11 +543,17 @@ fn concurrent_applies_get_distinct_allocations() {
     let all = get_json(&c, &["svc"]);
     let items = all["items"].as_array().expect("items");
     assert_eq!(items.len(), 16);
-    let ips: std::collections::BTreeSet<&str> = items.iter().filter_map(|s| s["spec"]["clusterIP"].as_str()).collect();
-    let ports: std::collections::BTreeSet<i64> = items.iter().filter_map(|s| s["spec"]["ports"][0]["nodePort"].as_i64()).collect();
+    let ips: std::collections::BTreeSet<&str> = items
+        .iter()
+        .filter_map(|s| s["spec"]["clusterIP"].as_str())
+        .collect();
+    let ports: std::collections::BTreeSet<i64> = items
+        .iter()
+        .filter_map(|s| s["spec"]["ports"][0]["nodePort"].as_i64())
+        .collect();
     assert_eq!(ips.len(), 16);
     assert_eq!(ports.len(), 16);
 }
 
-mod watch;
 mod dev;
+mod watch;

@@ -8,7 +8,9 @@ use strait_proto::v1::{WatchRequest, WatchResponse};
 use crate::harness::*;
 
 fn svc(name: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n  - port: 80\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  ports:\n  - port: 80\n"
+    )
 }
 
 async fn next_change(stream: &mut tonic::Streaming<WatchResponse>) -> WatchResponse {
@@ -25,7 +27,11 @@ async fn next_change(stream: &mut tonic::Streaming<WatchResponse>) -> WatchRespo
 }
 
 fn names(r: &WatchResponse) -> Vec<String> {
-    r.events.iter().filter_map(|e| e.object.as_ref()).map(|o| o.name().to_string()).collect()
+    r.events
+        .iter()
+        .filter_map(|e| e.object.as_ref())
+        .map(|o| o.name().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,11 +39,16 @@ async fn watch_lists_resumes_and_reports_compaction() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = Control::start(dir.path(), &["--watch-history", "3"]);
     ok(c.cli_stdin(&["apply", "-f", "-"], &svc("a")));
-    let mut client = ResourcesClient::connect(format!("http://{}", c.addr)).await.expect("connect");
+    let mut client = ResourcesClient::connect(format!("http://{}", c.addr))
+        .await
+        .expect("connect");
 
     // Revision 0: the full state first, marked initial.
     let mut w = client
-        .watch(WatchRequest { kinds: vec!["Service".into()], revision: 0 })
+        .watch(WatchRequest {
+            kinds: vec!["Service".into()],
+            revision: 0,
+        })
         .await
         .expect("watch")
         .into_inner();
@@ -53,12 +64,18 @@ async fn watch_lists_resumes_and_reports_compaction() {
 
     // Resume after r0 from another stream: exactly b, then live changes.
     let mut resumed = client
-        .watch(WatchRequest { kinds: vec!["Service".into()], revision: r0 })
+        .watch(WatchRequest {
+            kinds: vec!["Service".into()],
+            revision: r0,
+        })
         .await
         .expect("resume")
         .into_inner();
     let again = next_change(&mut resumed).await;
-    assert_eq!((again.revision, names(&again)), (b.revision, vec!["b".to_string()]));
+    assert_eq!(
+        (again.revision, names(&again)),
+        (b.revision, vec!["b".to_string()])
+    );
     ok(c.cli_stdin(&["apply", "-f", "-"], &svc("c")));
     let live = next_change(&mut resumed).await;
     assert_eq!(names(&live), vec!["c"]);
@@ -70,7 +87,10 @@ async fn watch_lists_resumes_and_reports_compaction() {
         ok(c.cli_stdin(&["apply", "-f", "-"], &svc(n)));
     }
     let err = client
-        .watch(WatchRequest { kinds: vec![], revision: r0 })
+        .watch(WatchRequest {
+            kinds: vec![],
+            revision: r0,
+        })
         .await
         .expect_err("compacted");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -81,7 +101,10 @@ async fn watch_lists_resumes_and_reports_compaction() {
     let mut seen = Vec::new();
     while !seen.contains(&"a".to_string()) {
         let r = next_change(&mut w).await;
-        if r.events.iter().any(|e| e.r#type == strait_proto::v1::EventType::Deleted as i32) {
+        if r.events
+            .iter()
+            .any(|e| e.r#type == strait_proto::v1::EventType::Deleted as i32)
+        {
             seen.extend(names(&r));
         }
     }

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use futures::Stream;
 use strait_proto::v1::resources_server::{Resources, ResourcesServer};
 use strait_proto::v1::{
-    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, EventType, GetRequest,
-    GetResponse, ListRequest, ListResponse, Object, WatchEvent, WatchRequest, WatchResponse,
+    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, EventType, GetRequest, GetResponse,
+    ListRequest, ListResponse, Object, WatchEvent, WatchRequest, WatchResponse,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -42,7 +42,9 @@ pub struct FakeControl {
 
 impl FakeControl {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let svc = Svc::default();
         let inner = svc.0.clone();
@@ -112,7 +114,11 @@ impl Resources for Svc {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let object = req.into_inner().object;
         if let Some(o) = &object {
-            self.0.nodes.lock().expect("lock").push(o.name().to_string());
+            self.0
+                .nodes
+                .lock()
+                .expect("lock")
+                .push(o.name().to_string());
         }
         Ok(Response::new(ApplyResponse {
             object,

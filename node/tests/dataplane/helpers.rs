@@ -24,7 +24,10 @@ where
         if f().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

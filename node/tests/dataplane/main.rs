@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use helpers::{Echo, closed_without_data, connect_echo, dead_port, eventually, manifest, roundtrip};
+use helpers::{
+    Echo, closed_without_data, connect_echo, dead_port, eventually, manifest, roundtrip,
+};
 use strait_node::drain::Drain;
 use strait_node::{Config, NodeState, listeners};
 use tokio::sync::watch;
@@ -40,7 +42,11 @@ async fn wait_bound(listeners: impl Fn() -> Vec<SocketAddr>, addr: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_mode_balances_over_every_backend() {
-    let backends = [Echo::start().await, Echo::start().await, Echo::start().await];
+    let backends = [
+        Echo::start().await,
+        Echo::start().await,
+        Echo::start().await,
+    ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = static_config(dir.path(), &manifest("echo", "127.77.0.10", 9090, &addrs));
@@ -171,7 +177,8 @@ async fn watch_follows_resumes_relists_and_persists() {
     let b = Echo::start().await;
     let vip: SocketAddr = "127.77.0.15:9090".parse().expect("vip");
     let objects = |eps: &[SocketAddr]| {
-        strait_proto::manifest::parse(&manifest("watched", "127.77.0.15", 9090, eps)).expect("manifest")
+        strait_proto::manifest::parse(&manifest("watched", "127.77.0.15", 9090, eps))
+            .expect("manifest")
     };
     let control = fake_control::FakeControl::start().await;
     // 1st watch: the full state at revision 5, then the stream breaks.
