@@ -152,7 +152,7 @@ pub async fn persist_loop(
             _ = stop.cancelled() => true,
             r = state.changed() => r.is_err(),
         };
-        if stopped && !state.has_changed().unwrap_or(false) {
+        if stopped && !state.has_changed().unwrap_or(true) {
             break;
         }
         let snap = state.borrow_and_update().clone();

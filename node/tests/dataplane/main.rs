@@ -241,3 +241,84 @@ async fn watch_follows_resumes_relists_and_persists() {
     assert_eq!(seen, [9].into());
     restarted.shutdown().await;
 }
+
+fn lb_service(
+    name: &str,
+    vip: &str,
+    node_port: u16,
+    lb_ip: &str,
+    policy: &str,
+    ep: SocketAddr,
+    ep_node: &str,
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: {vip}\n  externalTrafficPolicy: {policy}\n\
+         \x20 ports:\n  - {{name: echo, port: 9090, nodePort: {node_port}}}\n\
+         status:\n  loadBalancer:\n    ingress: [{{ip: {lb_ip}}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+         addressType: IPv4\nports: [{{name: echo, port: {}}}]\n\
+         endpoints:\n- addresses: [\"{}\"]\n  nodeName: {ep_node}\n---\n",
+        ep.port(),
+        ep.ip()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ports_lb_ips_and_external_traffic_policy() {
+    let backend = Echo::start().await;
+    // Ports nothing listens on, so the NodePorts can be bound on 127.0.0.1.
+    let (np_cluster, np_local) = (dead_port().await.port(), dead_port().await.port());
+    let yaml = format!(
+        "{}{}",
+        lb_service(
+            "lb",
+            "127.77.0.16",
+            np_cluster,
+            "127.77.0.17",
+            "Cluster",
+            backend.addr,
+            "other-node"
+        ),
+        lb_service(
+            "lb-local",
+            "127.77.0.18",
+            np_local,
+            "127.77.0.19",
+            "Local",
+            backend.addr,
+            "other-node"
+        ),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = static_config(dir.path(), &yaml);
+    let agent = strait_node::build(cfg).await.expect("build");
+    let addr = |s: String| s.parse::<SocketAddr>().expect("addr");
+
+    // Cluster policy: ClusterIP, NodePort and LB IP all lead to the backend.
+    for a in [
+        addr("127.77.0.16:9090".into()),
+        addr(format!("127.0.0.1:{np_cluster}")),
+        addr("127.77.0.17:9090".into()),
+    ] {
+        wait_bound(|| agent.listeners(), a).await;
+        connect_echo(a).await;
+    }
+    // Local policy with the only endpoint on another node: external
+    // traffic is refused, in-cluster traffic to the ClusterIP is not.
+    let cluster_ip = addr("127.77.0.18:9090".into());
+    wait_bound(|| agent.listeners(), cluster_ip).await;
+    connect_echo(cluster_ip).await;
+    for a in [
+        addr(format!("127.0.0.1:{np_local}")),
+        addr("127.77.0.19:9090".into()),
+    ] {
+        wait_bound(|| agent.listeners(), a).await;
+        assert!(
+            closed_without_data(a).await,
+            "{a} forwarded external traffic to a remote endpoint"
+        );
+    }
+    agent.shutdown().await;
+}
