@@ -338,14 +338,28 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
                 .into_inner();
             println!("leader: {}   revision: {}", s.leader_id, s.revision);
             println!(
-                "{:<4} {:<22} {:<9} {:<6} {:>9} {:>9}  VOTER",
+                "{:<4} {:<22} {:<11} {:<6} {:>9} {:>9}  VOTER",
                 "ID", "ADDRESS", "ROLE", "TERM", "LAST-LOG", "APPLIED"
             );
             for m in s.members {
-                println!(
-                    "{:<4} {:<22} {:<9} {:<6} {:>9} {:>9}  {}",
-                    m.id, m.address, m.role, m.term, m.last_log_index, m.applied_index, m.voter
-                );
+                // Each member reports its own term, log and applied index.
+                let own = crate::client::Client::new(vec![m.address.clone()]).cluster().await;
+                let own = match own {
+                    Ok(mut c) => c.status(ClusterStatusRequest {}).await.ok().and_then(|r| {
+                        r.into_inner().members.into_iter().find(|x| x.id == m.id && x.term > 0)
+                    }),
+                    Err(_) => None,
+                };
+                match own {
+                    Some(o) => println!(
+                        "{:<4} {:<22} {:<11} {:<6} {:>9} {:>9}  {}",
+                        m.id, m.address, o.role, o.term, o.last_log_index, o.applied_index, m.voter
+                    ),
+                    None => println!(
+                        "{:<4} {:<22} {:<11} {:<6} {:>9} {:>9}  {}",
+                        m.id, m.address, "unreachable", "-", "-", "-", m.voter
+                    ),
+                }
             }
         }
         ClusterCommand::AddMember { id, address } => {

@@ -44,11 +44,16 @@ pub fn status(e: ApiError) -> Status {
 pub struct Writer {
     raft: Arc<Raft>,
     shared: Shared,
+    peers: raft_net::Peers,
 }
 
 impl Writer {
-    pub fn new(raft: Arc<Raft>, shared: Shared) -> Self {
-        Self { raft, shared }
+    pub fn new(raft: Arc<Raft>, shared: Shared, peers: raft_net::Peers) -> Self {
+        Self {
+            raft,
+            shared,
+            peers,
+        }
     }
 
     /// Proposes `cmd` through this replica's Raft (must be the leader).
@@ -86,7 +91,7 @@ impl Writer {
                         .get_node(&leader)
                         .map(|n| n.addr.clone());
                     match addr {
-                        Some(addr) => raft_net::forward_write(&addr, &cmd)
+                        Some(addr) => self.peers.forward_write(&addr, &cmd)
                             .await
                             .map_err(|e| Status::unavailable(e.to_string())),
                         None => Err(Status::unavailable("leader address unknown")),
@@ -135,11 +140,32 @@ impl ResourcesApi {
         if consistency == Consistency::Serializable as i32 {
             return Ok(());
         }
+        let (me, leader, leader_addr) = {
+            let m = self.raft.metrics().borrow_watched().clone();
+            let addr = m
+                .current_leader
+                .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+            (m.id, m.current_leader, addr)
+        };
+        let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("linearizable read failed: {e}"));
+        if leader == Some(me) {
+            return self
+                .raft
+                .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                .await
+                .map(|_| ())
+                .map_err(|e| unavailable(&e));
+        }
+        // A follower asks the leader for the commit index to catch up to
+        // (the read-index protocol), then serves from its own state.
+        let addr = leader_addr.ok_or_else(|| unavailable(&"no leader known"))?;
+        let index = self.writer.peers.read_index(&addr).await.map_err(|e| unavailable(&e))?;
         self.raft
-            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(index), "linearizable read")
             .await
             .map(|_| ())
-            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))
+            .map_err(|e| unavailable(&e))
     }
 }
 
@@ -361,7 +387,9 @@ impl cluster_server::Cluster for ClusterApi {
                 MemberStatus {
                     id: *id,
                     address: node.addr.clone(),
-                    role: if Some(*id) == m.current_leader {
+                    role: if is_self {
+                        format!("{:?}", m.state).to_lowercase()
+                    } else if Some(*id) == m.current_leader {
                         "leader".into()
                     } else if voters.contains(id) {
                         "follower".into()

@@ -21,7 +21,7 @@ use crate::alloc::{IpRange, LbPool, PortRange};
 use crate::api::{ClusterApi, ResourcesApi, Writer};
 use crate::log_store::LogStore;
 use crate::raft::{Raft, StateMachine, TypeConfig};
-use crate::raft_net::{Network, RaftService};
+use crate::raft_net::{Network, Peers, RaftService};
 use crate::service::Allocators;
 use crate::state::State;
 use crate::watch::{Shared, Store};
@@ -189,6 +189,8 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     let sm =
         StateMachine::open(&cfg.data_dir.join("snapshots"), alloc, shared.clone()).map_err(dir)?;
 
+    let local_ip = Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified());
+    let peers_net = Peers::new(local_ip);
     let raft_config = openraft::Config {
         cluster_name: "strait".into(),
         heartbeat_interval: cfg.heartbeat_ms,
@@ -205,12 +207,12 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
             .map_err(|e| StartError::Raft(e.to_string()))?,
     );
     let raft = Arc::new(
-        Raft::new(cfg.id, raft_config, Network, log, sm)
+        Raft::new(cfg.id, raft_config, Network { peers: peers_net.clone() }, log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?,
     );
 
-    let writer = Writer::new(raft.clone(), shared.clone());
+    let writer = Writer::new(raft.clone(), shared.clone(), peers_net);
     let resources = ResourcesServer::new(ResourcesApi::new(
         writer.clone(),
         raft.clone(),

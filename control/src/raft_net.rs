@@ -3,9 +3,11 @@
 //! per peer) and the `Raft` gRPC service that hands received messages to the
 //! local openraft. Payloads are openraft's own serde types as JSON.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Cursor;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -43,23 +45,79 @@ pub enum NetError {
     Codec(#[from] serde_json::Error),
 }
 
-/// Builds a lazily connecting channel to a peer (`host:port` or URL).
-pub fn channel(addr: &str) -> Result<Channel, NetError> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let ep = Endpoint::from_shared(uri).map_err(|source| NetError::Address {
-        addr: addr.into(),
-        source,
-    })?;
-    Ok(ep
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+/// One lazily connected channel per peer address, shared by Raft
+/// replication, write forwarding and read-index calls. Outbound connections
+/// leave from `local_ip` when set, so peers (and fault-injecting proxies in
+/// tests) see which replica is calling.
+#[derive(Clone, Default)]
+pub struct Peers {
+    local_ip: Option<IpAddr>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    pub fn new(local_ip: Option<IpAddr>) -> Self {
+        Self {
+            local_ip,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The channel to `addr` (`host:port` or URL), created on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, NetError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let ep = Endpoint::from_shared(uri).map_err(|source| NetError::Address {
+            addr: addr.into(),
+            source,
+        })?;
+        let ch = ep
+            .local_address(self.local_ip)
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Asks the leader at `addr` for a read index (see `Raft.ReadIndex`).
+    pub async fn read_index(&self, addr: &str) -> Result<u64, NetError> {
+        let mut client = RaftClient::new(self.channel(addr)?);
+        let resp = client
+            .read_index(RaftPayload::default())
+            .await
+            .map_err(|status| NetError::Rpc {
+                addr: addr.into(),
+                status,
+            })?;
+        Ok(decode(resp.get_ref())?)
+    }
+
+    /// Sends a write to the leader on behalf of a follower.
+    pub async fn forward_write(
+        &self,
+        addr: &str,
+        cmd: &Command,
+    ) -> Result<crate::raft::Response, NetError> {
+        let mut client = RaftClient::new(self.channel(addr)?);
+        let resp = client
+            .forward_write(encode(cmd)?)
+            .await
+            .map_err(|status| NetError::Rpc {
+                addr: addr.into(),
+                status,
+            })?;
+        Ok(decode(resp.get_ref())?)
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<RaftPayload, serde_json::Error> {
@@ -74,7 +132,9 @@ fn decode<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, serde_json::Error> 
 
 /// Creates one client per peer.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pub peers: Peers,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -83,7 +143,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             target,
             addr: node.addr.clone(),
-            client: channel(&node.addr).ok().map(RaftClient::new),
+            client: self.peers.channel(&node.addr).ok().map(RaftClient::new),
+            peers: self.peers.clone(),
         }
     }
 }
@@ -93,13 +154,14 @@ pub struct PeerClient {
     target: u64,
     addr: String,
     client: Option<RaftClient<Channel>>,
+    peers: Peers,
 }
 
 impl PeerClient {
     fn client(&self) -> Result<RaftClient<Channel>, NetError> {
         match &self.client {
             Some(c) => Ok(c.clone()),
-            None => channel(&self.addr).map(RaftClient::new),
+            None => self.peers.channel(&self.addr).map(RaftClient::new),
         }
     }
 
@@ -201,19 +263,6 @@ impl std::fmt::Debug for PeerClient {
     }
 }
 
-/// Sends a write to the leader on behalf of a follower.
-pub async fn forward_write(addr: &str, cmd: &Command) -> Result<crate::raft::Response, NetError> {
-    let mut client = RaftClient::new(channel(addr)?);
-    let resp = client
-        .forward_write(encode(cmd)?)
-        .await
-        .map_err(|status| NetError::Rpc {
-            addr: addr.into(),
-            status,
-        })?;
-    Ok(decode(resp.get_ref())?)
-}
-
 /// The receiving side: hands peers' messages to the local Raft.
 pub struct RaftService {
     raft: Arc<Raft>,
@@ -288,6 +337,18 @@ impl raft_server::Raft for RaftService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(&resp)
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, Status> {
+        let (read_log_id, _) = self
+            .raft
+            .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| Status::unavailable(format!("read index: {e}")))?;
+        reply(&read_log_id.index())
     }
 
     async fn forward_write(

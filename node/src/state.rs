@@ -84,6 +84,18 @@ impl PortInfo {
     }
 }
 
+/// One endpoint address of a Service as DNS sees it: deduplicated across
+/// slices and ports (a headless Service may have no ports at all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointAddress {
+    pub ip: IpAddr,
+    /// From the slice's `endpoints[].hostname` (a Pod's `spec.hostname`
+    /// when its `spec.subdomain` names the Service).
+    pub hostname: Option<String>,
+    /// Ready, or the Service publishes not-ready addresses.
+    pub ready: bool,
+}
+
 /// The derived, forwarding-relevant view of one Service.
 #[derive(Debug, Clone)]
 pub struct ServiceInfo {
@@ -101,6 +113,15 @@ pub struct ServiceInfo {
     pub external_local: bool,
     /// internalTrafficPolicy Local: ClusterIP traffic to local endpoints only.
     pub internal_local: bool,
+    /// `clusterIPs` (both families when dual-stack); empty for headless and
+    /// ExternalName Services.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `clusterIP: None`: DNS answers with the endpoints themselves.
+    pub headless: bool,
+    /// ExternalName Services: the CNAME target, without a trailing dot.
+    pub external_name: Option<String>,
+    /// Every endpoint address across the Service's slices, sorted by IP.
+    pub addresses: Arc<[EndpointAddress]>,
 }
 
 impl ServiceInfo {
@@ -368,6 +389,21 @@ fn derive(key: ServiceKey, svc: &Service, slices: &[&EndpointSlice]) -> ServiceI
         .iter()
         .filter_map(|p| port_info(p, slices, spec.publish_not_ready_addresses))
         .collect();
+    let headless = service_type != "ExternalName" && spec.cluster_ip == "None";
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
+    if service_type != "ExternalName" {
+        for ip in std::iter::once(&spec.cluster_ip).chain(spec.cluster_ips.iter()) {
+            if let Ok(ip) = ip.parse::<IpAddr>()
+                && !cluster_ips.contains(&ip)
+            {
+                cluster_ips.push(ip);
+            }
+        }
+    }
+    let external_name = (service_type == "ExternalName")
+        .then(|| spec.external_name.trim_end_matches('.').to_string())
+        .filter(|n| !n.is_empty());
+    let addresses = endpoint_addresses(slices, spec.publish_not_ready_addresses);
     ServiceInfo {
         key,
         service_type,
@@ -377,7 +413,35 @@ fn derive(key: ServiceKey, svc: &Service, slices: &[&EndpointSlice]) -> ServiceI
         affinity,
         external_local: spec.external_traffic_policy == "Local",
         internal_local: spec.internal_traffic_policy == "Local",
+        cluster_ips,
+        headless,
+        external_name,
+        addresses,
     }
+}
+
+fn endpoint_addresses(slices: &[&EndpointSlice], all_ready: bool) -> Arc<[EndpointAddress]> {
+    let mut by_ip: BTreeMap<IpAddr, EndpointAddress> = BTreeMap::new();
+    for slice in slices {
+        for ep in &slice.endpoints {
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let ready = all_ready || ep.conditions.unwrap_or_default().ready.unwrap_or(true);
+            let e = EndpointAddress {
+                ip,
+                hostname: ep.hostname.clone().filter(|h| !h.is_empty()),
+                ready,
+            };
+            match by_ip.get(&ip) {
+                Some(old) if old.ready || !e.ready => {}
+                _ => {
+                    by_ip.insert(ip, e);
+                }
+            }
+        }
+    }
+    by_ip.into_values().collect()
 }
 
 fn port_info(p: &ServicePort, slices: &[&EndpointSlice], all_ready: bool) -> Option<PortInfo> {

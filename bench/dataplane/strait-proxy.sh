@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# PROXY_CMD for ../shared/bench: runs `strait node` in static mode so that it
+# listens on exactly $LISTEN_HOST:$LISTEN_PORT and forwards to
+# $UPSTREAM_HOST:$UPSTREAM_PORT (the harness exports these, and PROXY_WORKERS).
+# The manifest is one ClusterIP Service whose clusterIP is the listen host and
+# one operator-written EndpointSlice holding the upstream.
+set -euo pipefail
+: "${STRAIT_BIN:?path to the strait binary}"
+: "${LISTEN_HOST:?}" "${LISTEN_PORT:?}" "${UPSTREAM_HOST:?}" "${UPSTREAM_PORT:?}"
+dir="$(mktemp -d "${TMPDIR:-/tmp}/strait-bench.XXXXXX")"
+cat > "$dir/services.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: bench, namespace: default}
+spec:
+  clusterIP: $LISTEN_HOST
+  ports:
+  - {name: tcp, port: $LISTEN_PORT, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: bench-1
+  namespace: default
+  labels: {kubernetes.io/service-name: bench}
+addressType: IPv4
+ports: [{name: tcp, port: $UPSTREAM_PORT, protocol: TCP}]
+endpoints:
+- addresses: ["$UPSTREAM_HOST"]
+  conditions: {ready: true}
+YAML
+# One tokio worker per CPU the harness lets the proxy use.
+export TOKIO_WORKER_THREADS="${PROXY_WORKERS:-2}"
+export STRAIT_LOG="${STRAIT_LOG:-warn}"
+exec "$STRAIT_BIN" node --name bench --node-ip "$LISTEN_HOST" \
+  --config-file "$dir/services.yaml" --data-dir "$dir"
