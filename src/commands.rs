@@ -343,10 +343,15 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
             );
             for m in s.members {
                 // Each member reports its own term, log and applied index.
-                let own = crate::client::Client::new(vec![m.address.clone()]).cluster().await;
+                let own = crate::client::Client::new(vec![m.address.clone()])
+                    .cluster()
+                    .await;
                 let own = match own {
                     Ok(mut c) => c.status(ClusterStatusRequest {}).await.ok().and_then(|r| {
-                        r.into_inner().members.into_iter().find(|x| x.id == m.id && x.term > 0)
+                        r.into_inner()
+                            .members
+                            .into_iter()
+                            .find(|x| x.id == m.id && x.term > 0)
                     }),
                     Err(_) => None,
                 };

@@ -27,6 +27,10 @@ pub struct ControlArgs {
     /// Empty: a single-replica cluster. Used only to bootstrap a new cluster.
     #[arg(long, env = "STRAIT_PEERS", default_value = "")]
     pub peers: String,
+    /// Join an existing cluster instead of bootstrapping one: start empty and
+    /// wait for `strait cluster add-member --id ID --address ADDR`.
+    #[arg(long, env = "STRAIT_JOIN", conflicts_with = "peers")]
+    pub join: bool,
     /// The range ClusterIPs are allocated from.
     #[arg(long, env = "STRAIT_SERVICE_CIDR", default_value = "10.96.0.0/12")]
     pub service_cidr: ipnet::IpNet,
@@ -70,6 +74,7 @@ impl ControlArgs {
             listen: self.listen,
             advertise: self.advertise.clone(),
             peers: parse_peers(&self.peers)?,
+            join: self.join,
             service_cidr: self.service_cidr,
             node_port_range: self.node_port_range.clone(),
             lb_pool: self.lb_pool.clone(),

@@ -91,7 +91,9 @@ impl Writer {
                         .get_node(&leader)
                         .map(|n| n.addr.clone());
                     match addr {
-                        Some(addr) => self.peers.forward_write(&addr, &cmd)
+                        Some(addr) => self
+                            .peers
+                            .forward_write(&addr, &cmd)
                             .await
                             .map_err(|e| Status::unavailable(e.to_string())),
                         None => Err(Status::unavailable("leader address unknown")),
@@ -142,12 +144,17 @@ impl ResourcesApi {
         }
         let (me, leader, leader_addr) = {
             let m = self.raft.metrics().borrow_watched().clone();
-            let addr = m
-                .current_leader
-                .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+            let addr = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+            });
             (m.id, m.current_leader, addr)
         };
-        let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("linearizable read failed: {e}"));
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Status::unavailable(format!("linearizable read failed: {e}"))
+        };
         if leader == Some(me) {
             return self
                 .raft
@@ -159,7 +166,12 @@ impl ResourcesApi {
         // A follower asks the leader for the commit index to catch up to
         // (the read-index protocol), then serves from its own state.
         let addr = leader_addr.ok_or_else(|| unavailable(&"no leader known"))?;
-        let index = self.writer.peers.read_index(&addr).await.map_err(|e| unavailable(&e))?;
+        let index = self
+            .writer
+            .peers
+            .read_index(&addr)
+            .await
+            .map_err(|e| unavailable(&e))?;
         self.raft
             .wait(Some(Duration::from_secs(10)))
             .applied_index_at_least(Some(index), "linearizable read")

@@ -39,6 +39,9 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Every voter of a new cluster, this one included; empty: just this one.
     pub peers: BTreeMap<u64, String>,
+    /// Start without bootstrapping: this replica waits to be added to an
+    /// existing cluster (`strait cluster add-member`).
+    pub join: bool,
     pub service_cidr: IpNet,
     pub node_port_range: String,
     pub lb_pool: String,
@@ -57,6 +60,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             advertise: None,
             peers: BTreeMap::new(),
+            join: false,
             service_cidr: IpNet::V4(ipnet::Ipv4Net::new_assert(
                 std::net::Ipv4Addr::new(10, 96, 0, 0),
                 12,
@@ -197,7 +201,9 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         election_timeout_min: cfg.election_timeout_ms.0,
         election_timeout_max: cfg.election_timeout_ms.1,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
-        max_in_snapshot_log_to_keep: 1000,
+        // Keep one snapshot interval of log for followers that lag a little;
+        // anything further behind is caught up by snapshot install.
+        max_in_snapshot_log_to_keep: cfg.snapshot_every.min(1000),
         install_snapshot_timeout: 10_000,
         ..Default::default()
     };
@@ -207,9 +213,17 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
             .map_err(|e| StartError::Raft(e.to_string()))?,
     );
     let raft = Arc::new(
-        Raft::new(cfg.id, raft_config, Network { peers: peers_net.clone() }, log, sm)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?,
+        Raft::new(
+            cfg.id,
+            raft_config,
+            Network {
+                peers: peers_net.clone(),
+            },
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?,
     );
 
     let writer = Writer::new(raft.clone(), shared.clone(), peers_net);
@@ -248,7 +262,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         .is_initialized()
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-    if !initialized && peers.keys().next() == Some(&cfg.id) {
+    if !cfg.join && !initialized && peers.keys().next() == Some(&cfg.id) {
         let members: BTreeMap<u64, openraft::BasicNode> = peers
             .iter()
             .map(|(id, a)| (*id, openraft::BasicNode { addr: a.clone() }))

@@ -1,0 +1,414 @@
+//! A multi-process control-plane cluster for tests: each replica is a real
+//! `strait control` process on its own loopback address, reached by peers
+//! and clients through a fault-injecting proxy; a client that moves between
+//! replicas; and polling helpers with generous deadlines.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strait_proto::v1::cluster_client::ClusterClient;
+use strait_proto::v1::resources_client::ResourcesClient;
+use strait_proto::v1::{
+    ApplyRequest, ClusterStatusRequest, Consistency, GetRequest, ListRequest, Object, ObjectMeta,
+    Service, ServicePort, ServiceSpec, object,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proxy::Faults;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_strait");
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+/// Polls `f` until Some, panicking after `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct Replica {
+    pub id: u64,
+    pub real: SocketAddr,
+    pub proxy: SocketAddr,
+    pub log: PathBuf,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl Replica {
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let mut child = Command::new(BIN)
+            .args(&self.args)
+            .env("STRAIT_LOG", "info,openraft=warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn strait control");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("listening line");
+        assert!(
+            line.starts_with("listening on"),
+            "replica {} did not start: {line:?} (log {})",
+            self.id,
+            self.log.display()
+        );
+        self.child = Some(child);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|s| s.contains(needle))
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub replicas: BTreeMap<u64, Replica>,
+    pub faults: Faults,
+    net: u8,
+    extra: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn real_ip(net: u8, id: u64) -> Ipv4Addr {
+    Ipv4Addr::new(127, 60, net, 10 + id as u8)
+}
+
+fn proxy_ip(net: u8, id: u64) -> Ipv4Addr {
+    Ipv4Addr::new(127, 60, net, 100 + id as u8)
+}
+
+impl Cluster {
+    /// Starts `n` voters on 127.60.`net`.x; `net` must be unique per test.
+    pub async fn start(net: u8, n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = Faults::new();
+        let who: Arc<dyn Fn(IpAddr) -> Option<u64> + Send + Sync> =
+            Arc::new(move |ip: IpAddr| match ip {
+                IpAddr::V4(v4)
+                    if v4.octets()[..3] == [127, 60, net]
+                        && v4.octets()[3] > 10
+                        && v4.octets()[3] < 100 =>
+                {
+                    Some(u64::from(v4.octets()[3] - 10))
+                }
+                _ => None,
+            });
+        let mut c = Cluster {
+            replicas: BTreeMap::new(),
+            faults,
+            net,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: dir,
+        };
+        let peers: Vec<String> = (1..=n)
+            .map(|id| format!("{id}={}:7000", proxy_ip(net, id)))
+            .collect();
+        for id in 1..=n {
+            c.add_replica(id, Some(peers.join(",")), who.clone()).await;
+        }
+        c.wait_leader().await;
+        c
+    }
+
+    /// Starts replica `id`: bootstrapping with `peers`, or joining (None).
+    pub async fn add_replica(
+        &mut self,
+        id: u64,
+        peers: Option<String>,
+        who: Arc<dyn Fn(IpAddr) -> Option<u64> + Send + Sync>,
+    ) {
+        let real = SocketAddr::new(real_ip(self.net, id).into(), 7000);
+        let proxy = SocketAddr::new(proxy_ip(self.net, id).into(), 7000);
+        self.faults.spawn(id, proxy, real, who).await;
+        let data: PathBuf = self._dir.path().join(format!("r{id}"));
+        let mut args: Vec<String> = vec![
+            "control".into(),
+            "--id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            real.to_string(),
+            "--advertise".into(),
+            proxy.to_string(),
+        ];
+        match peers {
+            Some(p) => args.extend(["--peers".into(), p]),
+            None => args.push("--join".into()),
+        }
+        args.extend(self.extra.iter().cloned());
+        let mut r = Replica {
+            id,
+            real,
+            proxy,
+            log: self._dir.path().join(format!("r{id}.log")),
+            child: None,
+            args,
+        };
+        r.spawn();
+        self.replicas.insert(id, r);
+    }
+
+    /// A `who` function for replicas added later.
+    pub fn who(&self) -> Arc<dyn Fn(IpAddr) -> Option<u64> + Send + Sync> {
+        let net = self.net;
+        Arc::new(move |ip: IpAddr| match ip {
+            IpAddr::V4(v4)
+                if v4.octets()[..3] == [127, 60, net]
+                    && v4.octets()[3] > 10
+                    && v4.octets()[3] < 100 =>
+            {
+                Some(u64::from(v4.octets()[3] - 10))
+            }
+            _ => None,
+        })
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        let r = self.replicas.get_mut(&id).expect("replica");
+        r.kill();
+        r.spawn();
+    }
+
+    pub fn kill(&mut self, id: u64) {
+        self.replicas.get_mut(&id).expect("replica").kill();
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.replicas
+            .values()
+            .map(|r| r.proxy.to_string())
+            .collect()
+    }
+
+    /// Every running replica's self-reported (role, term, applied).
+    pub async fn statuses(&self) -> BTreeMap<u64, (String, u64, u64)> {
+        let mut out = BTreeMap::new();
+        for r in self.replicas.values().filter(|r| r.is_running()) {
+            if let Some(s) = status_of(&r.real.to_string()).await {
+                if let Some(me) = s.members.iter().find(|m| m.id == r.id) {
+                    out.insert(r.id, (me.role.clone(), me.term, me.applied_index));
+                }
+            }
+        }
+        out
+    }
+
+    /// The leader all running replicas that answer agree on.
+    pub async fn wait_leader(&self) -> u64 {
+        eventually("a leader", || async {
+            let s = self.statuses().await;
+            let leaders: Vec<(u64, u64)> = s
+                .iter()
+                .filter(|(_, v)| v.0 == "leader")
+                .map(|(id, v)| (*id, v.1))
+                .collect();
+            match leaders.as_slice() {
+                [(id, term)]
+                    if s.values().filter(|v| v.1 == *term).count() * 2 > self.replicas.len() =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    /// Waits until every running replica has applied the same index and
+    /// holds the same objects; returns those objects.
+    pub async fn converged(&self) -> Vec<Object> {
+        eventually("replicas to converge", || async {
+            let mut lists = Vec::new();
+            for r in self.replicas.values().filter(|r| r.is_running()) {
+                lists.push(list_local(&r.real.to_string()).await?);
+            }
+            let first = lists.first()?.clone();
+            lists.iter().all(|l| *l == first).then_some(first.1)
+        })
+        .await
+    }
+}
+
+pub async fn status_of(addr: &str) -> Option<strait_proto::v1::ClusterStatusResponse> {
+    let ch = channel(addr).await?;
+    let mut req = tonic::Request::new(ClusterStatusRequest {});
+    req.set_timeout(Duration::from_secs(2));
+    ClusterClient::new(ch)
+        .status(req)
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// The replica's own state: (revision, objects), serializable.
+pub async fn list_local(addr: &str) -> Option<(u64, Vec<Object>)> {
+    let ch = channel(addr).await?;
+    let mut req = tonic::Request::new(ListRequest {
+        kind: String::new(),
+        namespace: String::new(),
+        consistency: Consistency::Serializable as i32,
+    });
+    req.set_timeout(Duration::from_secs(5));
+    let r = ResourcesClient::new(ch).list(req).await.ok()?.into_inner();
+    Some((r.revision, r.items))
+}
+
+pub async fn channel(addr: &str) -> Option<Channel> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()
+}
+
+pub fn service(name: &str, value: u64) -> Object {
+    Service {
+        metadata: Some(ObjectMeta {
+            name: name.into(),
+            annotations: BTreeMap::from([("v".to_string(), value.to_string())]),
+            ..Default::default()
+        }),
+        spec: Some(ServiceSpec {
+            ports: vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .into()
+}
+
+/// Outcome of one client operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok(u64),
+    /// It may or may not have happened.
+    Unknown,
+}
+
+/// A client that moves to another replica when one fails.
+pub struct Client {
+    addrs: Vec<String>,
+    next: usize,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(addrs: Vec<String>) -> Self {
+        Self {
+            addrs,
+            next: 0,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    async fn resources(&mut self) -> Option<ResourcesClient<Channel>> {
+        for _ in 0..self.addrs.len() {
+            let addr = self.addrs[self.next % self.addrs.len()].clone();
+            if let Some(ch) = channel(&addr).await {
+                return Some(ResourcesClient::new(ch));
+            }
+            self.next += 1;
+        }
+        None
+    }
+
+    /// One attempt to apply; returns the revision, or Unknown.
+    pub async fn apply(&mut self, o: Object) -> Outcome {
+        let Some(mut c) = self.resources().await else {
+            return Outcome::Unknown;
+        };
+        let mut req = tonic::Request::new(ApplyRequest { object: Some(o) });
+        req.set_timeout(self.timeout);
+        match c.apply(req).await {
+            Ok(r) => Outcome::Ok(r.into_inner().revision),
+            Err(_) => {
+                self.next += 1;
+                Outcome::Unknown
+            }
+        }
+    }
+
+    /// Linearizable read of annotation `v` of Service `name` (0 = absent).
+    pub async fn read(&mut self, name: &str) -> Option<u64> {
+        let mut c = self.resources().await?;
+        let mut req = tonic::Request::new(GetRequest {
+            kind: "Service".into(),
+            namespace: "default".into(),
+            name: name.into(),
+            consistency: 0,
+        });
+        req.set_timeout(self.timeout);
+        match c.get(req).await {
+            Ok(r) => Some(value_of(r.into_inner().object.as_ref())),
+            Err(s) if s.code() == tonic::Code::NotFound => Some(0),
+            Err(_) => {
+                self.next += 1;
+                None
+            }
+        }
+    }
+}
+
+pub fn value_of(o: Option<&Object>) -> u64 {
+    match o.and_then(|o| o.kind.as_ref()) {
+        Some(object::Kind::Service(s)) => s
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.get("v"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+pub fn names(objs: &[Object]) -> std::collections::BTreeSet<String> {
+    objs.iter()
+        .filter(|o| o.kind() == Some(strait_proto::Kind::Service))
+        .map(|o| o.name().to_string())
+        .collect()
+}
