@@ -1,40 +1,121 @@
 //! The CLI's connection to the control plane: a list of replicas, tried in
-//! turn, so one replica being down does not stop an operator.
+//! turn, so one replica being down does not stop an operator; and the TLS
+//! flags every process shares (`--tls-cert`, `--tls-key`, `--tls-ca`,
+//! `--insecure`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use strait_proto::tls::{TlsFiles, Transport};
 use strait_proto::v1::cluster_client::ClusterClient;
 use strait_proto::v1::resources_client::ResourcesClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+/// mTLS material, or the explicit choice of plaintext.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This process's certificate (PEM), from `strait certs issue`.
+    #[arg(long, global = true, env = "STRAIT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, env = "STRAIT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA bundle (PEM; old and new CA during a rotation).
+    #[arg(long, global = true, env = "STRAIT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Plaintext gRPC, no certificates: anyone who reaches the port can read
+    /// and write the cluster. For trials only.
+    #[arg(long, global = true, env = "STRAIT_INSECURE")]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// The files for a server process (control, node): all three flags, or
+    /// `--insecure` (`None`).
+    pub fn files(&self) -> anyhow::Result<Option<TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca, self.insecure) {
+            (None, None, None, true) => Ok(None),
+            (Some(_), _, _, true) | (_, Some(_), _, true) | (_, _, Some(_), true) => {
+                bail!("--insecure conflicts with --tls-cert/--tls-key/--tls-ca: choose one")
+            }
+            (Some(cert), Some(key), Some(ca), false) => Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })),
+            (None, None, None, false) => bail!(
+                "no TLS certificate: pass --tls-cert, --tls-key and --tls-ca \
+                 (or STRAIT_TLS_CERT, STRAIT_TLS_KEY, STRAIT_TLS_CA; create them with `strait certs`), \
+                 or --insecure for plaintext"
+            ),
+            _ => bail!("--tls-cert, --tls-key and --tls-ca go together: one is missing"),
+        }
+    }
+
+    /// The CLI's transport: the flags, else `~/.strait/{admin.crt,admin.key,ca.crt}`
+    /// when all three exist, else `--insecure`.
+    pub fn cli_transport(&self) -> anyhow::Result<Transport> {
+        let given = self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_ca.is_some();
+        let files = if given || self.insecure {
+            self.files()?
+        } else {
+            match home_files() {
+                Some(f) => Some(f),
+                None => self.files().context(
+                    "the CLI also looks for ~/.strait/admin.crt, ~/.strait/admin.key and ~/.strait/ca.crt",
+                )?,
+            }
+        };
+        Ok(match files {
+            None => Transport::Insecure,
+            Some(files) => Transport::Tls(
+                strait_proto::tls::client_tls(files).context("loading the TLS certificate")?,
+            ),
+        })
+    }
+}
+
+fn home_files() -> Option<TlsFiles> {
+    let dir = PathBuf::from(std::env::var_os("HOME")?).join(".strait");
+    let files = TlsFiles {
+        cert: dir.join("admin.crt"),
+        key: dir.join("admin.key"),
+        ca: dir.join("ca.crt"),
+    };
+    (files.cert.exists() && files.key.exists() && files.ca.exists()).then_some(files)
+}
 
 /// Replica addresses; see the module doc.
 pub struct Client {
     servers: Vec<String>,
+    tls: TlsArgs,
 }
 
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 impl Client {
-    pub fn new(servers: Vec<String>) -> Self {
-        Self { servers }
+    pub fn new(servers: Vec<String>, tls: TlsArgs) -> Self {
+        Self { servers, tls }
+    }
+
+    /// The same credentials towards other replicas.
+    pub fn with_servers(&self, servers: Vec<String>) -> Self {
+        Self::new(servers, self.tls.clone())
     }
 
     async fn channel(&self) -> anyhow::Result<Channel> {
+        let transport = self.tls.cli_transport()?;
         let mut last = None;
         for s in &self.servers {
-            let uri = if s.contains("://") {
-                s.clone()
-            } else {
-                format!("http://{s}")
-            };
-            let ep = Endpoint::from_shared(uri.clone())
+            let ep = strait_proto::tls::endpoint(s)
                 .with_context(|| format!("invalid server address {s:?}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(30));
-            match ep.connect().await {
+            match transport.connect(ep).await {
                 Ok(ch) => return Ok(ch),
-                Err(e) => last = Some(anyhow!("{s}: {e}")),
+                Err(e) => last = Some(anyhow!("{s}: {}", error_chain(&e))),
             }
         }
         Err(last.unwrap_or_else(|| anyhow!("no server given")))
@@ -50,6 +131,22 @@ impl Client {
     pub async fn cluster(&self) -> anyhow::Result<ClusterClient<Channel>> {
         Ok(ClusterClient::new(self.channel().await?))
     }
+}
+
+/// An error and its causes on one line (tonic's top level says only
+/// "transport error"; the cause says which TLS check failed).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// kubectl's reason words for a gRPC status.

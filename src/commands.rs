@@ -275,6 +275,7 @@ pub async fn delete(
     kind: Option<&str>,
     name: Option<&str>,
     namespace: Option<&str>,
+    grace_period: Option<i64>,
 ) -> anyhow::Result<()> {
     let mut targets: Vec<(Kind, String, String)> = Vec::new();
     if !files.is_empty() {
@@ -311,6 +312,7 @@ pub async fn delete(
                 namespace: ns,
                 name: name.clone(),
                 resource_version: String::new(),
+                grace_period_seconds: grace_period,
             })
             .await
         {
@@ -343,7 +345,8 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
             );
             for m in s.members {
                 // Each member reports its own term, log and applied index.
-                let own = crate::client::Client::new(vec![m.address.clone()])
+                let own = client
+                    .with_servers(vec![m.address.clone()])
                     .cluster()
                     .await;
                 let own = match own {

@@ -43,6 +43,9 @@ pub struct ControlArgs {
     /// Revisions of change history kept for watchers to resume from.
     #[arg(long, env = "STRAIT_WATCH_HISTORY", default_value_t = 10_000)]
     pub watch_history: usize,
+    /// A node agent silent this long is marked Ready=False and its Pods unready.
+    #[arg(long, env = "STRAIT_NODE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub node_grace: std::time::Duration,
     /// Log entries between snapshots (older entries are then purged).
     #[arg(long, env = "STRAIT_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
@@ -67,8 +70,9 @@ pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
 }
 
 impl ControlArgs {
-    pub fn config(&self) -> anyhow::Result<Config> {
+    pub fn config(&self, tls: &crate::client::TlsArgs) -> anyhow::Result<Config> {
         Ok(Config {
+            tls: tls.files()?,
             id: self.id,
             data_dir: self.data_dir.clone(),
             listen: self.listen,
@@ -80,13 +84,14 @@ impl ControlArgs {
             lb_pool: self.lb_pool.clone(),
             watch_history: self.watch_history,
             snapshot_every: self.snapshot_every,
+            node_grace: self.node_grace,
             ..Config::default()
         })
     }
 }
 
-pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
-    let cfg = args.config()?;
+pub async fn run(args: ControlArgs, tls: &crate::client::TlsArgs) -> anyhow::Result<()> {
+    let cfg = args.config(tls)?;
     tracing::info!(config = ?cfg, "starting control replica");
     let mut bound = app::build(cfg)
         .await

@@ -56,6 +56,9 @@ pub struct DevArgs {
     /// which needs root; without it the frontend demo is skipped).
     #[arg(long, default_value_t = 80)]
     pub frontend_port: u16,
+    /// Cluster DNS of the node agent (`off` disables it).
+    #[arg(long, default_value = "127.0.0.1:5353")]
+    pub dns_listen: String,
 }
 
 /// A demo workload: answers any request with one line naming itself, as an
@@ -135,6 +138,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     // node-1 is this process's agent (127.0.0.1); node-2 stands for a second
     // machine at 127.0.0.2 whose workloads this agent reaches directly.
+    let dns_listen = match args.dns_listen.as_str() {
+        "off" | "none" => None,
+        a => Some(
+            a.parse::<SocketAddr>()
+                .with_context(|| format!("--dns-listen {a:?}: expected IP:PORT or off"))?,
+        ),
+    };
+    let dns_upstream = strait_node::dns::upstream::resolv_conf(
+        std::path::Path::new("/etc/resolv.conf"),
+        dns_listen,
+    )
+    .unwrap_or_default();
     let node = strait_node::config::Config {
         name: "node-1".into(),
         control: vec![server.clone()],
@@ -142,11 +157,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.join("node-1"),
         service_cidr: Some(args.service_cidr),
         capture_routes: false,
+        dns_listen,
+        dns_upstream,
         ..Default::default()
     };
-    let agent = strait_node::app::build(node)
-        .await
-        .context("starting the node agent")?;
+    let agent = match strait_node::app::build(node.clone()).await {
+        Err(strait_node::AppError::Dns(e)) => {
+            // A taken port (an mDNS responder on 5353) should not stop the demo.
+            println!("  (cluster DNS skipped: {e}; pick another --dns-listen)");
+            strait_node::app::build(strait_node::config::Config {
+                dns_listen: None,
+                ..node
+            })
+            .await
+        }
+        other => other,
+    }
+    .context("starting the node agent")?;
 
     let mut client = ResourcesClient::connect(format!("http://{server}"))
         .await
@@ -154,6 +181,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("Applying the example manifests:");
     let node2 = "apiVersion: v1\nkind: Node\nmetadata: {name: node-2}\nstatus:\n  addresses: [{type: InternalIP, address: 127.0.0.2}]\n  conditions: [{type: Ready, status: \"True\"}]\n";
     apply_all(&mut client, node2).await?;
+    // node-2 has no agent of its own here: heartbeat on its behalf so the
+    // control plane keeps it Ready.
+    let stop_node2 = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(strait_node::heartbeat::run(
+        "node-2".into(),
+        vec![server.clone()],
+        strait_proto::tls::Transport::Insecure,
+        stop_node2.clone(),
+    ));
     demo_backend("127.0.0.1:5678".parse()?, "backend-1 (node-1)".into()).await?;
     demo_backend("127.0.0.2:5678".parse()?, "backend-2 (node-2)".into()).await?;
     for (file, text) in EXAMPLES {
@@ -218,18 +254,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "Strait dev cluster is up: control plane on {server}, node agent node-1 on 127.0.0.1."
     );
     println!("Try:");
-    println!("  strait --server {server} get svc");
+    println!("  strait --insecure --server {server} get svc");
     println!(
         "  curl http://{}:9090/      # ClusterIP backend-svc, balanced over backend-1 and backend-2",
         ip("backend-svc")
     );
     println!("  curl http://127.0.0.1:31000/    # NodePort frontend-svc");
     println!("  curl http://{lb}:8080/     # LoadBalancer web-lb");
+    if let Some(dns) = agent.dns_addr() {
+        println!(
+            "  dig @{} -p {} backend-svc.default.svc.cluster.local   # cluster DNS",
+            dns.ip(),
+            dns.port()
+        );
+    }
     println!(
         "Data in {}; Ctrl-C stops everything.",
         args.data_dir.display()
     );
     crate::control::shutdown_signal().await;
+    stop_node2.cancel();
     agent.shutdown().await;
     control.shutdown().await;
     Ok(())

@@ -2,6 +2,7 @@
 //! agent, the all-in-one `dev` cluster and the kubectl-like CLI. Only flag
 //! parsing and process wiring live here.
 
+mod certs;
 mod client;
 mod commands;
 mod control;
@@ -33,6 +34,9 @@ struct Cli {
     #[arg(long, global = true, env = "STRAIT_LOG_JSON")]
     log_json: bool,
 
+    #[command(flatten)]
+    tls: client::TlsArgs,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +47,11 @@ enum Command {
     Control(control::ControlArgs),
     /// Run a node agent: listeners, forwarding, state from the control plane.
     Node(node::NodeArgs),
+    /// Create the cluster CA and issue certificates (mTLS identities).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
     /// An all-in-one local cluster with the example Services and demo backends.
     Dev(dev::DevArgs),
     /// Create or update objects from manifests (kubectl apply).
@@ -85,6 +94,10 @@ enum Command {
         name: Option<String>,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        /// Pods: seconds to stay terminating first (default: the Pod's
+        /// terminationGracePeriodSeconds; 0 removes at once).
+        #[arg(long)]
+        grace_period: Option<i64>,
     },
     /// Inspect and change the control-plane membership.
     Cluster {
@@ -110,20 +123,21 @@ fn init_tracing(json: bool) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = client::Client::new(cli.server.clone());
+    let client = client::Client::new(cli.server.clone(), cli.tls.clone());
     let result = match cli.command {
         Command::Control(args) => {
             init_tracing(cli.log_json);
-            control::run(args).await
+            control::run(args, &cli.tls).await
         }
         Command::Node(args) => {
             init_tracing(cli.log_json);
-            node::run(args).await
+            node::run(args, &cli.tls).await
         }
         Command::Dev(args) => {
             init_tracing(cli.log_json);
             dev::run(args).await
         }
+        Command::Certs { command } => certs::run(command),
         Command::Apply { files } => commands::apply(&client, &files).await,
         Command::Get {
             kind,
@@ -154,6 +168,7 @@ async fn main() -> ExitCode {
             kind,
             name,
             namespace,
+            grace_period,
         } => {
             commands::delete(
                 &client,
@@ -161,6 +176,7 @@ async fn main() -> ExitCode {
                 kind.as_deref(),
                 name.as_deref(),
                 namespace.as_deref(),
+                grace_period,
             )
             .await
         }

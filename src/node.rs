@@ -1,7 +1,7 @@
 //! `strait node`: flags for one node agent, turned into a
 //! `strait_node::config::Config`, then run until SIGINT/SIGTERM.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,14 +41,81 @@ pub struct NodeArgs {
     /// LoadBalancer ranges (CIDRs, comma-separated), made local when --capture-routes.
     #[arg(long, env = "STRAIT_LB_POOL", value_delimiter = ',')]
     pub lb_pool: Vec<ipnet::IpNet>,
+    /// Static pods: register the Pod manifests in this directory, bound to
+    /// this node; updated when files change, deleted when files go.
+    #[arg(long, env = "STRAIT_PODS_DIR", conflicts_with = "config_file")]
+    pub pods_dir: Option<PathBuf>,
     /// Add `local` routes for the service CIDR and LB pool (needs root).
     #[arg(long, env = "STRAIT_CAPTURE_ROUTES")]
     pub capture_routes: bool,
+    /// Cluster DNS address, UDP and TCP (default: port 53 on --node-ip; `off` disables; port 0 picks one).
+    #[arg(long, env = "STRAIT_DNS_LISTEN", value_parser = parse_dns_listen)]
+    pub dns_listen: Option<DnsListen>,
+    /// The cluster domain: Services are `<svc>.<ns>.svc.<domain>`.
+    #[arg(long, env = "STRAIT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Resolvers for other names (comma-separated IP[:port]; default: /etc/resolv.conf's nameservers; `none`: refuse them).
+    #[arg(long, env = "STRAIT_DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstream: Vec<String>,
+    /// TTL in seconds of cluster records and negative answers.
+    #[arg(long, env = "STRAIT_DNS_TTL", default_value_t = 5)]
+    pub dns_ttl: u32,
+}
+
+/// `--dns-listen`: an address, or off.
+#[derive(Debug, Clone, Copy)]
+pub enum DnsListen {
+    Off,
+    On(SocketAddr),
+}
+
+fn parse_dns_listen(s: &str) -> Result<DnsListen, String> {
+    match s {
+        "off" | "none" | "false" => Ok(DnsListen::Off),
+        _ => s
+            .parse()
+            .map(DnsListen::On)
+            .map_err(|e| format!("{e}: expected IP:PORT or off")),
+    }
+}
+
+/// The DNS settings of a node agent: listen address, and the upstreams
+/// (`--dns-upstream`, else /etc/resolv.conf without this server itself).
+pub fn dns_settings(
+    listen: Option<DnsListen>,
+    node_ip: IpAddr,
+    upstream: &[String],
+) -> anyhow::Result<(Option<SocketAddr>, Vec<SocketAddr>)> {
+    let listen = match listen {
+        Some(DnsListen::Off) => None,
+        Some(DnsListen::On(a)) => Some(a),
+        None => Some(SocketAddr::new(node_ip, 53)),
+    };
+    let upstreams = if upstream.iter().any(|u| u == "none") {
+        Vec::new()
+    } else if upstream.is_empty() {
+        let path = std::path::Path::new("/etc/resolv.conf");
+        strait_node::dns::upstream::resolv_conf(path, listen).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no DNS upstreams: cannot read /etc/resolv.conf");
+            Vec::new()
+        })
+    } else {
+        upstream
+            .iter()
+            .map(|u| {
+                strait_node::dns::upstream::parse_upstream(u)
+                    .with_context(|| format!("--dns-upstream {u:?}: expected IP or IP:PORT"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    Ok((listen, upstreams))
 }
 
 impl NodeArgs {
-    pub fn config(&self) -> Config {
-        Config {
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let (dns_listen, dns_upstream) =
+            dns_settings(self.dns_listen, self.node_ip, &self.dns_upstream)?;
+        Ok(Config {
             name: self.name.clone(),
             control: self.control.clone(),
             node_ip: self.node_ip,
@@ -60,17 +127,29 @@ impl NodeArgs {
             service_cidr: self.service_cidr,
             lb_pool: self.lb_pool.clone(),
             capture_routes: self.capture_routes,
+            pods_dir: self.pods_dir.clone(),
+            dns_listen,
+            cluster_domain: self.cluster_domain.clone(),
+            dns_upstream,
+            dns_ttl: self.dns_ttl,
             ..Config::default()
-        }
+        })
     }
 }
 
-pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let cfg = args.config();
+pub async fn run(args: NodeArgs, tls: &crate::client::TlsArgs) -> anyhow::Result<()> {
+    let mut cfg = args.config()?;
+    if cfg.config_file.is_none() {
+        cfg.tls = tls.files()?;
+    }
     tracing::info!(config = ?cfg, "starting node agent");
     let bound = strait_node::app::build(cfg)
         .await
         .context("starting the node agent")?;
+    if let Some(addr) = bound.dns_addr() {
+        // Tests and scripts starting on port 0 read the port from here.
+        println!("dns listening on {addr}");
+    }
     crate::control::shutdown_signal().await;
     tracing::info!("shutting down");
     bound.shutdown().await;

@@ -32,5 +32,7 @@ YAML
 # One tokio worker per CPU the harness lets the proxy use.
 export TOKIO_WORKER_THREADS="${PROXY_WORKERS:-2}"
 export STRAIT_LOG="${STRAIT_LOG:-warn}"
+# Only the forwarder is measured: no cluster DNS server.
+export STRAIT_DNS_LISTEN=off
 exec "$STRAIT_BIN" node --name bench --node-ip "$LISTEN_HOST" \
   --config-file "$dir/services.yaml" --data-dir "$dir"

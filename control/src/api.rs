@@ -22,6 +22,7 @@ use strait_proto::v1::{
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
+use crate::authz::{self, Caller};
 use crate::raft::{Raft, Response as RaftResponse};
 use crate::raft_net;
 use crate::state::{ApiError, Command, Outcome, now_unix_nanos, plural};
@@ -181,6 +182,76 @@ impl ResourcesApi {
     }
 }
 
+/// Authorization of writes (see `authz`). A node's write is checked against
+/// the stored object read at a linearizable point, and pinned to that
+/// object's resourceVersion, so it cannot land on an object that changed
+/// (was re-bound, say) between the check and the commit.
+impl ResourcesApi {
+    fn stored(&self, kind: Kind, namespace: &str, name: &str) -> Option<Object> {
+        let ns = match (kind.namespaced(), namespace.is_empty()) {
+            (false, _) => "",
+            (true, true) => "default",
+            (true, false) => namespace,
+        };
+        watch::read(&self.shared)
+            .state()
+            .get(kind, ns, name)
+            .cloned()
+    }
+
+    async fn authorize_apply(&self, caller: &Caller, object: &mut Object) -> Result<(), Status> {
+        const METHOD: &str = "Resources.Apply";
+        let stored = match (caller.node(), object.kind()) {
+            (Some(_), Some(kind)) => {
+                self.read_barrier(Consistency::Linearizable as i32).await?;
+                self.stored(kind, object.namespace(), object.name())
+            }
+            _ => None,
+        };
+        authz::apply(caller, object, stored.as_ref()).map_err(|d| d.status(METHOD))?;
+        if let (Some(old), Some(meta)) = (&stored, object.metadata_mut()) {
+            let old_rv = old.metadata().map(|m| m.resource_version.clone()).unwrap_or_default();
+            pin_version(&mut meta.resource_version, old_rv, &meta.name)?;
+        }
+        Ok(())
+    }
+
+    async fn authorize_delete(
+        &self,
+        caller: &Caller,
+        kind: Kind,
+        req: &mut DeleteRequest,
+    ) -> Result<(), Status> {
+        const METHOD: &str = "Resources.Delete";
+        let stored = match caller.node() {
+            Some(_) => {
+                self.read_barrier(Consistency::Linearizable as i32).await?;
+                self.stored(kind, &req.namespace, &req.name)
+            }
+            None => None,
+        };
+        authz::delete(caller, kind, &req.namespace, &req.name, stored.as_ref())
+            .map_err(|d| d.status(METHOD))?;
+        if let Some(old) = &stored {
+            let old_rv = old.metadata().map(|m| m.resource_version.clone()).unwrap_or_default();
+            pin_version(&mut req.resource_version, old_rv, &req.name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sets a write's resourceVersion precondition to the version authorized;
+/// a different one the caller sent is a conflict.
+fn pin_version(rv: &mut String, authorized: String, name: &str) -> Result<(), Status> {
+    if !rv.is_empty() && *rv != authorized {
+        return Err(Status::aborted(format!(
+            "Operation cannot be fulfilled on {name:?}: the object has been modified; please apply your changes to the latest version and try again"
+        )));
+    }
+    *rv = authorized;
+    Ok(())
+}
+
 fn parse_kind(k: &str) -> Result<Kind, Status> {
     k.parse()
         .map_err(|e: strait_proto::UnknownKind| Status::invalid_argument(e.to_string()))
@@ -195,10 +266,12 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Se
 #[tonic::async_trait]
 impl resources_server::Resources for ResourcesApi {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
-        let object = req
+        let caller = Caller::of(&req)?;
+        let mut object = req
             .into_inner()
             .object
             .ok_or_else(|| Status::invalid_argument("object is required"))?;
+        self.authorize_apply(&caller, &mut object).await?;
         let cmd = Command::Apply {
             object: object.encode_to_vec(),
             now_unix_nanos: now_unix_nanos(),
@@ -258,14 +331,17 @@ impl resources_server::Resources for ResourcesApi {
         &self,
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let req = req.into_inner();
-        parse_kind(&req.kind)?;
+        let caller = Caller::of(&req)?;
+        let mut req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        self.authorize_delete(&caller, kind, &mut req).await?;
         let cmd = Command::Delete {
             kind: req.kind,
             namespace: req.namespace,
             name: req.name,
             resource_version: req.resource_version,
             now_unix_nanos: now_unix_nanos(),
+            grace_seconds: req.grace_period_seconds,
         };
         let out = self.writer.write(cmd).await?;
         Ok(Response::new(DeleteResponse {
@@ -435,6 +511,7 @@ impl cluster_server::Cluster for ClusterApi {
         &self,
         req: Request<AddMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        authz::membership(&Caller::of(&req)?).map_err(|d| d.status("Cluster.AddMember"))?;
         let req = req.into_inner();
         let node = openraft::BasicNode {
             addr: req.address.clone(),
@@ -467,6 +544,7 @@ impl cluster_server::Cluster for ClusterApi {
         &self,
         req: Request<RemoveMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        authz::membership(&Caller::of(&req)?).map_err(|d| d.status("Cluster.RemoveMember"))?;
         let id = req.into_inner().id;
         let mut voters: std::collections::BTreeSet<u64> = self
             .raft

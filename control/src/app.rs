@@ -11,6 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use openraft::async_runtime::WatchReceiver;
 use strait_proto::v1::{
+    nodes_server::NodesServer,
     cluster_server::ClusterServer, raft_server::RaftServer, resources_server::ResourcesServer,
 };
 use tokio::net::TcpListener;
@@ -19,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::alloc::{IpRange, LbPool, PortRange};
 use crate::api::{ClusterApi, ResourcesApi, Writer};
+use crate::liveness::{self, Heartbeats, NodesApi};
 use crate::log_store::LogStore;
 use crate::raft::{Raft, StateMachine, TypeConfig};
 use crate::raft_net::{Network, Peers, RaftService};
@@ -49,7 +51,12 @@ pub struct Config {
     /// Log entries between snapshots.
     pub snapshot_every: u64,
     pub heartbeat_ms: u64,
+    /// A node silent this long is marked Ready=False.
+    pub node_grace: Duration,
     pub election_timeout_ms: (u64, u64),
+    /// mTLS certificate, key and CA bundle (a control identity); `None`:
+    /// plaintext (`--insecure`, `strait dev`), logged as a warning.
+    pub tls: Option<strait_proto::tls::TlsFiles>,
 }
 
 impl Default for Config {
@@ -70,7 +77,9 @@ impl Default for Config {
             watch_history: 10_000,
             snapshot_every: 10_000,
             heartbeat_ms: 50,
+            node_grace: Duration::from_secs(10),
             election_timeout_ms: (150, 300),
+            tls: None,
         }
     }
 }
@@ -105,6 +114,9 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The TLS certificate, key or CA bundle cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] strait_proto::tls::TlsError),
     /// `--peers` does not include this replica.
     #[error("--peers must include this replica's id {0}")]
     PeersWithoutSelf(u64),
@@ -163,6 +175,18 @@ pub fn allocators(cfg: &Config) -> Result<Allocators, StartError> {
 /// once (the lowest id among `peers` does it; a second call is a no-op).
 pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     let alloc = allocators(&cfg)?;
+    let (server_tls, transport) = match &cfg.tls {
+        Some(files) => {
+            let server = crate::tls::server_tls(files.clone())?;
+            let client = strait_proto::tls::client_tls(files.clone())?;
+            tracing::info!(identity = %server.identity(), cert = %files.cert.display(), ca = %files.ca.display(), "mTLS on: clients, nodes and peers must present a certificate of the cluster CA");
+            (Some(server), strait_proto::tls::Transport::Tls(client))
+        }
+        None => {
+            tracing::warn!("TLS is off (--insecure): any client that reaches the listen address can read and write the cluster");
+            (None, strait_proto::tls::Transport::Insecure)
+        }
+    };
     let dir = |e| StartError::DataDir {
         path: cfg.data_dir.clone(),
         source: e,
@@ -194,7 +218,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         StateMachine::open(&cfg.data_dir.join("snapshots"), alloc, shared.clone()).map_err(dir)?;
 
     let local_ip = Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified());
-    let peers_net = Peers::new(local_ip);
+    let peers_net = Peers::new(local_ip).with_transport(transport);
     let raft_config = openraft::Config {
         cluster_name: "strait".into(),
         heartbeat_interval: cfg.heartbeat_ms,
@@ -235,16 +259,23 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cluster = ClusterServer::new(ClusterApi::new(raft.clone(), shared.clone()));
-    let raft_svc = RaftServer::new(RaftService::new(raft.clone(), writer))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let heartbeats = Heartbeats::default();
+    liveness::spawn(raft.clone(), shared.clone(), writer.clone(), heartbeats.clone(), cfg.node_grace);
+    let nodes = NodesServer::new(NodesApi::new(heartbeats, raft.clone()));
+    let raft_svc = tonic::service::interceptor::InterceptedService::new(
+        RaftServer::new(RaftService::new(raft.clone(), writer))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        crate::authz::raft_interceptor,
+    );
     let (tx, rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::tls::incoming(listener, server_tls);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(resources)
             .add_service(cluster)
+            .add_service(nodes)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;

@@ -40,6 +40,15 @@ pub fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.status == "True")
 }
 
+/// A Node counts as ready unless its Ready condition says otherwise (the
+/// leader writes False when its heartbeats stop).
+pub fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"))
+        .is_none_or(|c| c.status == "True")
+}
+
 /// The address a Pod is reached at: its podIP, else its node's InternalIP
 /// (a host-network workload).
 pub fn pod_address(pod: &Pod, nodes: &BTreeMap<String, &Node>) -> Option<String> {
@@ -116,7 +125,10 @@ pub fn derive(svc: &Service, pods: &[&Pod], nodes: &BTreeMap<String, &Node>) -> 
             continue;
         }
         let terminating = !pm.deletion_timestamp.is_empty();
-        let serving = pod_ready(pod);
+        let node_up = nodes
+            .get(pspec.node_name.as_str())
+            .is_none_or(|n| node_ready(n));
+        let serving = pod_ready(pod) && node_up;
         let ready = spec.publish_not_ready_addresses || (serving && !terminating);
         let node_name = pspec.node_name.clone();
         let zone = nodes

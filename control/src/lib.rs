@@ -6,6 +6,7 @@
 pub mod alloc;
 pub mod api;
 pub mod app;
+pub mod authz;
 pub mod endpoints;
 pub mod field;
 pub mod log_store;
@@ -14,4 +15,6 @@ pub mod raft;
 pub mod raft_net;
 pub mod service;
 pub mod state;
+pub mod tls;
 pub mod watch;
+pub mod liveness;

@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 use strait_proto::v1::RaftPayload;
 use strait_proto::v1::raft_client::RaftClient;
 use strait_proto::v1::raft_server;
-use tonic::transport::{Channel, Endpoint};
+use strait_proto::tls::Transport;
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::raft::{Raft, Snapshot, SnapshotMeta, TypeConfig};
@@ -49,18 +50,33 @@ pub enum NetError {
 /// replication, write forwarding and read-index calls. Outbound connections
 /// leave from `local_ip` when set, so peers (and fault-injecting proxies in
 /// tests) see which replica is calling.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Peers {
     local_ip: Option<IpAddr>,
+    transport: Transport,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
+impl Default for Peers {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
 impl Peers {
+    /// Plaintext peers; see [`Peers::with_transport`] for mTLS.
     pub fn new(local_ip: Option<IpAddr>) -> Self {
         Self {
             local_ip,
+            transport: Transport::Insecure,
             channels: Arc::default(),
         }
+    }
+
+    /// Dials peers with `transport` (this replica's control certificate).
+    pub fn with_transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
     }
 
     /// The channel to `addr` (`host:port` or URL), created on first use.
@@ -69,22 +85,16 @@ impl Peers {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let ep = Endpoint::from_shared(uri).map_err(|source| NetError::Address {
+        let ep = strait_proto::tls::endpoint(addr).map_err(|source| NetError::Address {
             addr: addr.into(),
             source,
         })?;
-        let ch = ep
-            .local_address(self.local_ip)
+        let ep = ep
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let ch = self.transport.lazy(ep, self.local_ip);
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

@@ -29,13 +29,17 @@ pub enum Command {
         object: Vec<u8>,
         now_unix_nanos: i64,
     },
-    /// Delete, optionally only at a given resourceVersion.
+    /// Delete, optionally only at a given resourceVersion. A Pod is first
+    /// marked terminating for its grace period (`grace_seconds` overrides
+    /// `terminationGracePeriodSeconds`; 0 removes it at once).
     Delete {
         kind: String,
         namespace: String,
         name: String,
         resource_version: String,
         now_unix_nanos: i64,
+        #[serde(default)]
+        grace_seconds: Option<i64>,
     },
 }
 
@@ -259,15 +263,7 @@ impl State {
                 self.plan_apply(o, *now_unix_nanos, self.revision + 1)
                     .map(|_| ())
             }
-            Command::Delete {
-                kind,
-                namespace,
-                name,
-                resource_version,
-                now_unix_nanos,
-            } => self
-                .plan_delete(kind, namespace, name, resource_version, *now_unix_nanos)
-                .map(|_| ()),
+            Command::Delete { .. } => self.plan_delete(cmd).map(|_| ()),
         }
     }
 
@@ -278,13 +274,7 @@ impl State {
                 object,
                 now_unix_nanos,
             } => decode_object(object).and_then(|o| self.plan_apply(o, *now_unix_nanos, index)),
-            Command::Delete {
-                kind,
-                namespace,
-                name,
-                resource_version,
-                now_unix_nanos,
-            } => self.plan_delete(kind, namespace, name, resource_version, *now_unix_nanos),
+            Command::Delete { .. } => self.plan_delete(cmd),
         };
         let plan = match planned {
             Ok(p) => p,
@@ -506,14 +496,19 @@ impl State {
         Ok(())
     }
 
-    fn plan_delete(
-        &self,
-        kind: &str,
-        namespace: &str,
-        name: &str,
-        rv: &str,
-        now: i64,
-    ) -> Result<Plan, ApiError> {
+    fn plan_delete(&self, cmd: &Command) -> Result<Plan, ApiError> {
+        let Command::Delete {
+            kind,
+            namespace,
+            name,
+            resource_version: rv,
+            now_unix_nanos: now,
+            grace_seconds,
+        } = cmd
+        else {
+            return Err(ApiError::BadRequest("not a delete".into()));
+        };
+        let (now, name) = (*now, name.as_str());
         let kind: Kind = kind
             .parse()
             .map_err(|e: strait_proto::UnknownKind| ApiError::BadRequest(e.to_string()))?;
@@ -551,6 +546,41 @@ impl State {
                 });
             }
         }
+        if let Some(object::Kind::Pod(pod)) = &old.kind {
+            // Graceful termination: mark the Pod terminating (its endpoints
+            // stop taking new connections) and let the leader remove it
+            // when the grace period ends.
+            let grace = grace_seconds
+                .or_else(|| pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+                .unwrap_or(30)
+                .max(0);
+            let meta = pod.metadata.clone().unwrap_or_default();
+            let terminating = !meta.deletion_timestamp.is_empty();
+            if grace > 0 && terminating {
+                return Ok(Plan {
+                    object: old.clone(),
+                    now,
+                    result: "deleted",
+                    changed: false,
+                    delete: false,
+                    old: None,
+                });
+            }
+            if grace > 0 {
+                let mut marked = pod.clone();
+                let m = marked.metadata.get_or_insert_default();
+                m.deletion_timestamp = rfc3339(now.saturating_add(grace.saturating_mul(1_000_000_000)));
+                m.deletion_grace_period_seconds = Some(grace);
+                return Ok(Plan {
+                    object: marked.into(),
+                    now,
+                    result: "deleted",
+                    changed: true,
+                    delete: false,
+                    old: Some(old.clone()),
+                });
+            }
+        }
         Ok(Plan {
             object: old.clone(),
             now,
@@ -559,6 +589,18 @@ impl State {
             delete: true,
             old: Some(old.clone()),
         })
+    }
+
+    /// Pods whose grace period ended by `now`: the leader removes them.
+    pub fn expired_pods(&self, now_unix_nanos: i64) -> Vec<(String, String)> {
+        let now = UNIX_EPOCH + Duration::from_nanos(u64::try_from(now_unix_nanos).unwrap_or(0));
+        self.list(Some(Kind::Pod), "")
+            .filter_map(|o| {
+                let m = o.metadata()?;
+                let at = humantime::parse_rfc3339(&m.deletion_timestamp).ok()?;
+                (at <= now).then(|| (m.namespace.clone(), m.name.clone()))
+            })
+            .collect()
     }
 
     /// Makes a checked plan real: store, allocators, derived slices, events.

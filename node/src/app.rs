@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::dns::{self, DnsConfig, DnsError, DnsServer};
 use crate::drain::Drain;
 use crate::listeners::{self, Listeners};
 use crate::routes::{RouteCapture, RouteError};
@@ -32,6 +33,12 @@ pub enum AppError {
     /// The service CIDR or LB pool cannot be made local.
     #[error(transparent)]
     Routes(#[from] RouteError),
+    /// The TLS certificate, key or CA bundle cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] strait_proto::tls::TlsError),
+    /// The DNS address cannot be bound.
+    #[error(transparent)]
+    Dns(#[from] DnsError),
 }
 
 /// A running node agent.
@@ -41,6 +48,7 @@ pub struct Bound {
     drain: Drain,
     routes: Option<RouteCapture>,
     grace: std::time::Duration,
+    dns: Option<DnsServer>,
 }
 
 impl std::fmt::Debug for Bound {
@@ -67,6 +75,10 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         service_cidr = ?cfg.service_cidr,
         lb_pool = ?cfg.lb_pool,
         capture_routes = cfg.capture_routes,
+        dns_listen = ?cfg.dns_listen,
+        cluster_domain = %cfg.cluster_domain,
+        dns_upstream = ?cfg.dns_upstream,
+        dns_ttl = cfg.dns_ttl,
         "starting node agent"
     );
     let drain = Drain::new();
@@ -88,6 +100,29 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
             return Err(e);
         }
     };
+    let dns = match cfg.dns_listen {
+        Some(listen) => {
+            let dns_cfg = DnsConfig {
+                listen,
+                zone: dns::zone::ZoneConfig {
+                    domain: cfg.cluster_domain.clone(),
+                    ttl: cfg.dns_ttl,
+                },
+                upstreams: cfg.dns_upstream.clone(),
+            };
+            match dns::spawn(dns_cfg, state.clone(), &drain).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    drain.shutdown(std::time::Duration::ZERO).await;
+                    if let Some(mut r) = routes {
+                        r.remove();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        None => None,
+    };
     let listeners = listeners::spawn(&cfg, state.clone(), &drain);
     Ok(Bound {
         state,
@@ -95,6 +130,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         drain,
         routes,
         grace: cfg.drain_timeout,
+        dns,
     })
 }
 
@@ -127,6 +163,7 @@ fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeS
         }
     };
     let (tx, rx) = watch::channel(Arc::new(initial));
+    let transport = control_transport(cfg)?;
     let w = Watcher::new(
         &cfg.control,
         Registration {
@@ -134,8 +171,31 @@ fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeS
             node_ip: cfg.node_ip,
         },
         tx,
+        &transport,
     )?;
     drain.tracker().spawn(w.run(drain.stop_token().clone()));
+    drain.tracker().spawn(crate::heartbeat::run(
+        cfg.name.clone(),
+        cfg.control.clone(),
+        transport.clone(),
+        drain.stop_token().clone(),
+    ));
+    let prober = crate::health::Prober::new(
+        cfg.name.clone(),
+        cfg.node_ip,
+        cfg.control.clone(),
+        transport.clone(),
+    );
+    drain.tracker().spawn(prober.run(drain.stop_token().clone()));
+    if let Some(dir) = &cfg.pods_dir {
+        let pods = crate::pods::StaticPods::new(
+            dir.clone(),
+            cfg.name.clone(),
+            cfg.control.clone(),
+            transport,
+        );
+        drain.tracker().spawn(pods.run(drain.stop_token().clone()));
+    }
     drain.tracker().spawn(watcher::persist_loop(
         cfg.data_dir.clone(),
         rx.clone(),
@@ -144,10 +204,32 @@ fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeS
     Ok(rx)
 }
 
+/// mTLS towards the control plane with the node's certificate, or
+/// plaintext with a warning.
+fn control_transport(cfg: &Config) -> Result<strait_proto::tls::Transport, AppError> {
+    use strait_proto::tls::{Role, Transport};
+    let Some(files) = &cfg.tls else {
+        warn!("TLS is off (--insecure): the control-plane connection is plaintext and unauthenticated");
+        return Ok(Transport::Insecure);
+    };
+    let tls = strait_proto::tls::client_tls(files.clone())?;
+    let id = tls.identity();
+    if id.role != Role::Node || id.name != cfg.name {
+        warn!(identity = %id, node = %cfg.name, "the certificate is not this node's identity (spiffe://<trust-domain>/node/<--name>): the control plane will refuse its writes");
+    }
+    info!(identity = %id, "mTLS to the control plane");
+    Ok(Transport::Tls(tls))
+}
+
 impl Bound {
     /// The addresses listening right now.
     pub fn listeners(&self) -> Vec<SocketAddr> {
         self.listeners.bound()
+    }
+
+    /// Where cluster DNS answers (UDP and TCP), when enabled.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.map(|d| d.addr)
     }
 
     /// The latest state, and every later one.

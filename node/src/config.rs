@@ -2,7 +2,7 @@
 //! separately from building the agent and tests can start it with port-free
 //! defaults.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -72,6 +72,23 @@ pub struct Config {
     /// At shutdown, how long open connections may keep running after the
     /// listeners closed before they are cut.
     pub drain_timeout: Duration,
+    /// Where cluster DNS listens (UDP and TCP); `None`: no DNS server. The
+    /// CLI defaults it to port 53 on the node address.
+    pub dns_listen: Option<SocketAddr>,
+    /// The zone Service names live in (`<svc>.<ns>.svc.<zone>`).
+    pub cluster_domain: String,
+    /// Resolvers for names outside the cluster zone; empty: those are
+    /// refused. The CLI defaults it to /etc/resolv.conf's nameservers.
+    pub dns_upstream: Vec<SocketAddr>,
+    /// TTL of cluster records and of negative answers. 5 s, CoreDNS'
+    /// kubernetes-plugin default: short enough that clients which cache
+    /// see endpoint changes quickly.
+    pub dns_ttl: u32,
+    /// mTLS towards the control plane (a node identity); `None`: plaintext,
+    /// logged as a warning.
+    pub tls: Option<strait_proto::tls::TlsFiles>,
+    /// Static pods: Pod manifests registered as bound to this node.
+    pub pods_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -89,6 +106,12 @@ impl Default for Config {
             lb_pool: Vec::new(),
             capture_routes: false,
             drain_timeout: Duration::from_secs(5),
+            dns_listen: None,
+            cluster_domain: "cluster.local".to_string(),
+            dns_upstream: Vec::new(),
+            dns_ttl: 5,
+            tls: None,
+            pods_dir: None,
         }
     }
 }

@@ -29,7 +29,7 @@ const EJECT_AFTER: u32 = 2;
 const EJECT_BASE: Duration = Duration::from_secs(5);
 const EJECT_MAX: Duration = Duration::from_secs(60);
 /// Keepalive on both sockets, so dead peers of idle connections are noticed.
-const KEEPALIVE: Duration = Duration::from_secs(60);
+pub const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Why a connection was not forwarded, or how forwarding ended.
 #[derive(Debug, thiserror::Error)]
@@ -172,13 +172,40 @@ impl Forwarder {
 
     /// Forwards `client` to an endpoint of `route`. Without a usable
     /// endpoint the client is reset at once rather than left hanging.
+    ///
+    /// `client` should come from a listener prepared by
+    /// [`crate::listeners`], whose accepted sockets inherit `TCP_NODELAY`
+    /// and keepalive; only the upstream socket is tuned here.
     pub async fn handle(
         &self,
         client: TcpStream,
         peer: SocketAddr,
         route: &Route,
     ) -> Result<splice::Transferred, ProxyError> {
-        let service = route.service.key.clone();
+        let (upstream, stats) = match self.connect_any(peer, route).await {
+            Ok(c) => c,
+            Err(e) => {
+                reset(&client);
+                return Err(e);
+            }
+        };
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        let _guard = ActiveGuard(stats);
+        if let Err(e) = splice::tune_stream(&upstream, Some(KEEPALIVE)) {
+            debug!(error = %e, "cannot tune socket");
+        }
+        Ok(splice::forward(client, upstream, &self.opts).await?)
+    }
+
+    /// Connects to an endpoint of `route`, trying up to [`MAX_ATTEMPTS`]
+    /// different ones. Everything it allocates is gone before forwarding
+    /// starts, so a long-lived connection keeps only what it needs.
+    async fn connect_any(
+        &self,
+        peer: SocketAddr,
+        route: &Route,
+    ) -> Result<(TcpStream, Arc<EndpointStats>), ProxyError> {
+        let service = &route.service.key;
         let port = route.port_number();
         let endpoints = route.usable_endpoints(&self.node_name);
         let pkey: PortKey = (service.clone(), port);
@@ -197,17 +224,10 @@ impl Forwarder {
                     stats.succeeded();
                     if route.service.affinity.is_some() {
                         self.affinity
-                            .insert((pkey.clone(), peer.ip()), (addr, Instant::now()));
+                            .insert((pkey, peer.ip()), (addr, Instant::now()));
                     }
-                    stats.active.fetch_add(1, Ordering::Relaxed);
-                    let _guard = ActiveGuard(stats);
                     tracing::Span::current().record("upstream", tracing::field::display(addr));
-                    for s in [&client, &upstream] {
-                        if let Err(e) = splice::tune_stream(s, Some(KEEPALIVE)) {
-                            debug!(error = %e, "cannot tune socket");
-                        }
-                    }
-                    return Ok(splice::forward(client, upstream, &self.opts).await?);
+                    return Ok((upstream, stats));
                 }
                 Err(e) => {
                     debug!(endpoint = %addr, error = %e, attempt = tried.len(), "connect failed");
@@ -216,16 +236,16 @@ impl Forwarder {
                 }
             }
         }
-        reset(&client);
-        match last_err {
-            Some((addr, source)) => Err(ProxyError::Connect {
+        let service = service.clone();
+        Err(match last_err {
+            Some((addr, source)) => ProxyError::Connect {
                 service,
                 attempts: tried.len(),
                 addr,
                 source,
-            }),
-            None => Err(ProxyError::NoEndpoints { service, port }),
-        }
+            },
+            None => ProxyError::NoEndpoints { service, port },
+        })
     }
 
     async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {

@@ -1,13 +1,18 @@
-//! Strait's node agent: watch client, node state, listeners, splice forwarder.
+//! Strait's node agent: watch client, node state, listeners, splice forwarder,
+//! cluster DNS.
 //!
 //! [`app::build`] starts it; [`state::NodeState`] is the immutable snapshot
 //! the watch client publishes and every listener reads.
 
 pub mod app;
 pub mod config;
+pub mod dns;
 pub mod drain;
 pub mod forward;
+pub mod health;
+pub mod heartbeat;
 pub mod listeners;
+pub mod pods;
 pub mod routes;
 pub mod splice;
 pub mod state;

@@ -248,6 +248,8 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     }
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
+    // Accepted sockets inherit these, so connections need no setsockopt.
+    crate::splice::tune_stream(&socket, Some(forward::KEEPALIVE)).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(BACKLOG).map_err(err)?;
     TcpListener::from_std(socket.into()).map_err(err)
@@ -331,5 +333,38 @@ async fn serve(
             )
         }
         Err(e) => debug!(duration_ms, error = %e, "connection refused"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.tcp_nodelay().expect("nodelay"));
+        assert!(sock.keepalive().expect("keepalive"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("keepidle"),
+            forward::KEEPALIVE
+        );
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+    #[tokio::test]
+    async fn probe() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("b");
+        let a = l.local_addr().expect("a");
+        let c = TcpStream::connect(a).await.expect("c");
+        let o = crate::splice::ForwardOptions::default();
+        let f2 = crate::splice::forward(c, TcpStream::connect(a).await.expect("x"), &o);
+        eprintln!("forward future: {}", std::mem::size_of_val(&f2));
     }
 }

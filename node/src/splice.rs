@@ -9,16 +9,20 @@
 //! the payload never reaches user space. In practice that roughly halves the
 //! forwarder's CPU per byte and keeps the user-space buffer footprint at zero.
 //!
-//! Every connection gets one pipe per direction (`pipe2` with `O_NONBLOCK |
-//! O_CLOEXEC`, grown with `F_SETPIPE_SZ` when the kernel lets us). All I/O is
-//! non-blocking and driven by tokio's readiness (`TcpStream::try_io` plus
-//! `readable()` / `writable()`), so a forwarded connection costs no thread.
+//! A direction takes a pipe (`pipe2` with `O_NONBLOCK | O_CLOEXEC`, grown
+//! with `F_SETPIPE_SZ` when the kernel lets us) only when its source turns
+//! readable, and gives it back to a small pool of empty pipes as soon as it
+//! is drained and the direction waits again. An idle connection therefore
+//! holds two sockets and nothing else: no pipe, no buffer, no extra
+//! descriptor, which is what lets one process hold thousands of idle
+//! connections within `RLIMIT_NOFILE`. All I/O is non-blocking and driven by
+//! tokio's readiness (`TcpStream::try_io` plus `readable()` / `writable()`),
+//! so a forwarded connection costs no thread.
 //!
-//! [`CopyMode::Buffered`] is the portable fallback built on
-//! [`tokio::io::copy_bidirectional_with_sizes`]. It is also used for a single
-//! connection whenever its pipes cannot be created (for example `EMFILE`), so
-//! running out of descriptors degrades throughput instead of dropping
-//! connections.
+//! [`CopyMode::Buffered`] copies through a user-space buffer taken and given
+//! back the same way. A direction that cannot get a pipe (for example
+//! `EMFILE`) uses a buffer for that burst, so running out of descriptors
+//! degrades throughput instead of dropping connections.
 //!
 //! Semantics shared by both modes:
 //! - half-close is propagated: when one side reaches end-of-stream, everything
@@ -40,15 +44,15 @@
 #![allow(unsafe_code)]
 
 use std::fmt;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -127,21 +131,6 @@ impl Side {
         match self {
             Side::Client => Side::Upstream,
             Side::Upstream => Side::Client,
-        }
-    }
-
-    fn code(self) -> u8 {
-        match self {
-            Side::Client => 1,
-            Side::Upstream => 2,
-        }
-    }
-
-    fn from_code(code: u8) -> Option<Self> {
-        match code {
-            1 => Some(Side::Client),
-            2 => Some(Side::Upstream),
-            _ => None,
         }
     }
 }
@@ -233,7 +222,9 @@ impl ForwardError {
 /// `idle` without traffic (at least 1 s), further probes every `idle / 3`
 /// (at least 1 s), and the connection is declared dead after 3 unanswered
 /// probes. With `None`, keepalive is disabled.
-pub fn tune_stream(s: &TcpStream, keepalive: Option<Duration>) -> io::Result<()> {
+/// Works on a listening socket too: on Linux, sockets it accepts inherit
+/// both settings, which saves two syscalls per option per connection.
+pub fn tune_stream<S: AsFd>(s: &S, keepalive: Option<Duration>) -> io::Result<()> {
     let sock = socket2::SockRef::from(s);
     sock.set_tcp_nodelay(true)?;
     match keepalive {
@@ -257,14 +248,7 @@ pub async fn forward(
     upstream: TcpStream,
     opts: &ForwardOptions,
 ) -> Result<Transferred, ForwardError> {
-    let pipes = match opts.mode {
-        CopyMode::Splice => Some(Pipe::new(opts.pipe_size).and_then(|a| {
-            let b = Pipe::new(opts.pipe_size)?;
-            Ok([a, b])
-        })),
-        CopyMode::Buffered => None,
-    };
-    forward_with(client, upstream, opts, pipes).await
+    forward_with(client, upstream, opts, &take_pipe).await
 }
 
 /// Connections that asked for splicing but were copied through buffers
@@ -272,8 +256,9 @@ pub async fn forward(
 static SPLICE_FALLBACKS: AtomicU64 = AtomicU64::new(0);
 static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
 
-/// How many connections fell back from [`CopyMode::Splice`] to buffered copying
-/// because their pipes could not be created, since the process started.
+/// How many times a direction of a connection fell back from
+/// [`CopyMode::Splice`] to a user-space buffer because no pipe could be
+/// created, since the process started.
 pub fn splice_fallback_count() -> u64 {
     SPLICE_FALLBACKS.load(Ordering::Relaxed)
 }
@@ -281,51 +266,48 @@ pub fn splice_fallback_count() -> u64 {
 fn note_fallback(err: &io::Error) {
     SPLICE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
     if FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
-        tracing::debug!(error = %err, "cannot create splice pipes, using buffered copy");
+        tracing::debug!(error = %err, "cannot create a splice pipe, using a buffer");
     } else {
         tracing::warn!(
             error = %err,
-            "cannot create splice pipes, using buffered copy for this connection \
+            "cannot create a splice pipe, copying through a buffer instead \
              (reported once; see splice_fallback_count)"
         );
     }
 }
 
-/// `pipes`: `None` for buffered mode, `Some(Err)` when splice pipes could not
-/// be created, `Some(Ok)` to splice.
+/// Where pipes come from: [`take_pipe`], or a failing source in tests.
+type PipeSource = dyn Fn(usize) -> io::Result<Pipe> + Sync;
+
 async fn forward_with(
     client: TcpStream,
     upstream: TcpStream,
     opts: &ForwardOptions,
-    pipes: Option<io::Result<[Pipe; 2]>>,
+    pipes: &PipeSource,
 ) -> Result<Transferred, ForwardError> {
     let counters = Counters::default();
     let activity = Activity::new();
     let outcome = {
-        let transfer = async {
-            match pipes {
-                Some(Ok([to_upstream, to_client])) => {
-                    splice_both(
-                        &client,
-                        &upstream,
-                        &to_upstream,
-                        &to_client,
-                        &counters,
-                        &activity,
-                    )
-                    .await
-                }
-                Some(Err(err)) => {
-                    note_fallback(&err);
-                    let (mut c, mut u) = (client, upstream);
-                    copy_buffered(&mut c, &mut u, &counters, &activity).await
-                }
-                None => {
-                    let (mut c, mut u) = (client, upstream);
-                    copy_buffered(&mut c, &mut u, &counters, &activity).await
-                }
-            }
+        let shared = Shared {
+            opts,
+            pipes,
+            counters: &counters,
+            activity: &activity,
         };
+        let mut to_upstream = Direction::new(Side::Client);
+        let mut to_client = Direction::new(Side::Upstream);
+        // Both directions are polled by hand from one future: waiting uses
+        // the sockets' own reader/writer waker slots, so a connection's task
+        // stays small (idle connections are mostly task memory). The first
+        // error ends both directions; the sockets close when this returns.
+        let transfer = std::future::poll_fn(|cx| {
+            let a = to_upstream.poll(cx, &client, &upstream, &shared)?;
+            let b = to_client.poll(cx, &upstream, &client, &shared)?;
+            match (a, b) {
+                (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+                _ => Poll::Pending,
+            }
+        });
         match opts.idle_timeout {
             None => transfer.await.map_err(Ended::Failed),
             Some(timeout) => {
@@ -336,8 +318,8 @@ async fn forward_with(
             }
         }
     };
-    // `transfer` owned both streams and has been dropped by now: both sockets
-    // are closed, whatever the outcome.
+    drop(client);
+    drop(upstream);
     let transferred = counters.snapshot();
     match outcome {
         Ok(()) => Ok(transferred),
@@ -414,132 +396,281 @@ async fn idle_watch(activity: &Activity, timeout: Duration) {
 
 type DirResult = Result<(), (Side, io::Error)>;
 
-async fn splice_both(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    to_upstream: &Pipe,
-    to_client: &Pipe,
-    counters: &Counters,
-    activity: &Activity,
-) -> DirResult {
-    // try_join: the first error drops the other direction; the caller then
-    // closes both sockets.
-    tokio::try_join!(
-        splice_half(
-            client,
-            upstream,
-            to_upstream,
-            Side::Client,
-            counters,
-            activity
-        ),
-        splice_half(
-            upstream,
-            client,
-            to_client,
-            Side::Upstream,
-            counters,
-            activity
-        ),
-    )
-    .map(|((), ())| ())
+/// What both directions of a connection share.
+struct Shared<'a> {
+    opts: &'a ForwardOptions,
+    pipes: &'a PipeSource,
+    counters: &'a Counters,
+    activity: &'a Activity,
 }
 
-/// Moves `src` -> `pipe` -> `dst` until `src` reaches end-of-stream and the
-/// pipe is drained, then half-closes `dst`.
-async fn splice_half(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &Pipe,
+/// Bytes read into a stack buffer before a direction commits to a pipe.
+/// A read that returns fewer is a complete message (the socket is drained),
+/// relayed with one `send` and no pipe; a read that fills it marks the
+/// direction as bulk, which splices from then on.
+const PROBE: usize = 16 * 1024;
+
+/// Progress steps one direction takes per poll before yielding, so a fast
+/// connection can't starve the worker.
+const STEPS_PER_POLL: u32 = 32;
+
+/// One direction of a connection: source -> stage -> destination.
+///
+/// The stage (a pipe, or a buffer as the fallback) is taken only once the
+/// source is readable and given back whenever it is empty and the direction
+/// is about to wait, so an idle connection holds no pipe, no buffer and no
+/// descriptor besides its two sockets.
+struct Direction {
     src_side: Side,
-    counters: &Counters,
-    activity: &Activity,
-) -> DirResult {
-    let dst_side = src_side.other();
-    let delivered = counters.delivered_to(dst_side);
-    let cap = pipe.capacity;
-    // Bytes sitting in the pipe.
-    let mut in_pipe = 0usize;
-    let mut eof = false;
-    // A read into a non-empty pipe said EAGAIN. That may mean the pipe ran
-    // out of slots rather than the socket being empty, so readiness was not
-    // cleared; don't read (or wait for readability) until the pipe drained a
-    // little.
-    let mut read_stalled = false;
+    stage: Option<Stage>,
+    /// Bytes sitting in the stage.
+    held: usize,
+    eof: bool,
+    done: bool,
+    /// A read into a non-empty pipe said EAGAIN. That may mean the pipe ran
+    /// out of slots rather than the socket being empty, so readiness was not
+    /// cleared; don't read (or wait for readability) until the pipe drained
+    /// a little.
+    read_stalled: bool,
+    /// The current burst started large: read straight into a pipe.
+    bulk: bool,
+    /// Bytes read since the direction last waited.
+    burst: usize,
+}
 
-    loop {
-        let mut progress = false;
-
-        if !eof && !read_stalled && in_pipe < cap {
-            let pipe_was_empty = in_pipe == 0;
-            let res = src.try_io(Interest::READABLE, || {
-                match splice(src.as_fd(), pipe.write.as_fd(), cap - in_pipe) {
-                    // With an empty pipe EAGAIN can only come from the socket:
-                    // let try_io clear its read readiness.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !pipe_was_empty => Ok(None),
-                    other => other.map(Some),
-                }
-            });
-            match res {
-                Ok(Some(0)) => {
-                    eof = true;
-                    progress = true;
-                }
-                Ok(Some(n)) => {
-                    in_pipe += n;
-                    progress = true;
-                    activity.touch();
-                }
-                Ok(None) => read_stalled = true,
-                Err(e) if is_retry(&e) => {}
-                Err(e) => return Err((src_side, e)),
-            }
+impl Direction {
+    fn new(src_side: Side) -> Self {
+        Self {
+            src_side,
+            stage: None,
+            held: 0,
+            eof: false,
+            done: false,
+            read_stalled: false,
+            bulk: false,
+            burst: 0,
         }
+    }
 
-        if in_pipe > 0 {
-            // The pipe holds data, so EAGAIN here means the socket's send
-            // buffer is full and clearing its write readiness is correct.
-            let res = dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_fd(), dst.as_fd(), in_pipe)
-            });
-            match res {
+    fn room(&self) -> usize {
+        self.stage
+            .as_ref()
+            .map_or(usize::MAX, |s| s.capacity() - self.held)
+    }
+
+    /// Moves bytes until `src` reaches end-of-stream and everything read
+    /// was delivered, then half-closes `dst`.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        sh: &Shared<'_>,
+    ) -> Poll<DirResult> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        let dst_side = self.src_side.other();
+        let mut steps = 0;
+        loop {
+            let mut progress = false;
+
+            if !self.eof && !self.read_stalled && self.room() > 0 {
+                progress |= if self.stage.is_none() && !self.bulk {
+                    self.relay_small(src, dst, sh)?
+                } else {
+                    self.read_into_stage(src, sh)?
+                };
+            }
+
+            if self.held > 0 {
+                progress |= self.write_from_stage(dst, sh)?;
+            }
+
+            if self.held == 0 && (self.eof || !progress) {
+                if let Some(st) = self.stage.take() {
+                    st.give_back();
+                }
+                if !progress {
+                    // The burst is over; a small one ends bulk mode.
+                    self.bulk &= self.burst >= PROBE;
+                    self.burst = 0;
+                }
+            }
+
+            if self.eof && self.held == 0 {
+                self.done = true;
+                return Poll::Ready(match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+                    // The peer is already gone entirely; the other direction
+                    // will find out on its own.
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => Err((dst_side, e)),
+                    _ => Ok(()),
+                });
+            }
+
+            if progress {
+                steps += 1;
+                if steps >= STEPS_PER_POLL {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                continue;
+            }
+
+            // Nothing moved: wait for whichever readiness would let it.
+            if self.held > 0 {
+                match dst.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((dst_side, e))),
+                    Poll::Pending => {}
+                }
+            }
+            if !self.eof && !self.read_stalled && self.room() > 0 {
+                match src.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((self.src_side, e))),
+                    Poll::Pending => {}
+                }
+            } else if self.held == 0 {
+                return Poll::Ready(Err((
+                    self.src_side,
+                    io::Error::other("forwarder has nothing to wait for"),
+                )));
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// With no stage held: one `recv` into a stack buffer and, if that
+    /// drained the socket, one `send`. Only what `dst` doesn't take goes to
+    /// a buffer stage. Returns whether anything moved.
+    fn relay_small(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        sh: &Shared<'_>,
+    ) -> Result<bool, (Side, io::Error)> {
+        let mut probe = [0u8; PROBE];
+        let mut got = 0usize;
+        let res = src.try_io(Interest::READABLE, || {
+            let n = (&*socket2::SockRef::from(src)).read(&mut probe)?;
+            got = n;
+            if n > 0 && n < PROBE {
+                // A short read took everything queued: report WouldBlock so
+                // try_io clears read readiness now, sparing the recv that
+                // would only say EAGAIN. Data arriving later is a new edge.
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        match res {
+            Ok(0) => {
+                self.eof = true;
+                return Ok(true);
+            }
+            Ok(_) => self.bulk = true,
+            Err(e) if is_retry(&e) && got > 0 => {}
+            Err(e) if is_retry(&e) => return Ok(false),
+            Err(e) => return Err((self.src_side, e)),
+        }
+        sh.activity.touch();
+        self.burst += got;
+        let dst_side = self.src_side.other();
+        let delivered = sh.counters.delivered_to(dst_side);
+        let mut sent = 0usize;
+        while sent < got {
+            let chunk = probe.get(sent..got).unwrap_or_default();
+            match dst.try_io(Interest::WRITABLE, || {
+                (&*socket2::SockRef::from(dst)).write(chunk)
+            }) {
                 Ok(0) => return Err((dst_side, io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
-                    in_pipe = in_pipe.saturating_sub(n);
+                    sent += n;
                     delivered.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
-                    read_stalled = false;
-                    progress = true;
-                    activity.touch();
                 }
-                Err(e) if is_retry(&e) => {}
+                Err(e) if is_retry(&e) => break,
                 Err(e) => return Err((dst_side, e)),
             }
         }
-
-        if eof && in_pipe == 0 {
-            return match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
-                // The peer is already gone entirely; the other direction will
-                // find out on its own.
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err((dst_side, e)),
-                _ => Ok(()),
-            };
+        if sent < got {
+            let rest = probe.get(sent..got).unwrap_or_default();
+            self.stage = Some(Stage::buffer_with(rest));
+            self.held = rest.len();
         }
+        Ok(true)
+    }
 
-        if progress {
-            // Yield now and then so a fast connection can't starve the worker.
-            tokio::task::consume_budget().await;
-            continue;
-        }
-
-        let want_read = !eof && !read_stalled && in_pipe < cap;
-        let want_write = in_pipe > 0;
-        tokio::select! {
-            biased;
-            r = dst.writable(), if want_write => r.map_err(|e| (dst_side, e))?,
-            r = src.readable(), if want_read => r.map_err(|e| (src_side, e))?,
-            else => {
-                return Err((src_side, io::Error::other("splice forwarder has nothing to wait for")));
+    /// Reads into the stage, taking one first if needed. Returns whether
+    /// anything moved.
+    fn read_into_stage(
+        &mut self,
+        src: &TcpStream,
+        sh: &Shared<'_>,
+    ) -> Result<bool, (Side, io::Error)> {
+        let was_empty = self.held == 0;
+        let held = self.held;
+        let stage = &mut self.stage;
+        // The closure only runs while tokio believes `src` is readable,
+        // which is what makes taking the stage lazy.
+        let res = src.try_io(Interest::READABLE, || {
+            let st = stage.get_or_insert_with(|| Stage::take(sh.opts, sh.pipes));
+            let room = st.capacity() - held;
+            match st.fill(src, room) {
+                // With an empty stage (or a buffer) EAGAIN can only come from
+                // the socket: let try_io clear its read readiness.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !was_empty && st.is_pipe() => {
+                    Ok(None)
+                }
+                other => other.map(Some),
             }
+        });
+        match res {
+            Ok(Some(0)) => {
+                self.eof = true;
+                Ok(true)
+            }
+            Ok(Some(n)) => {
+                self.held += n;
+                self.burst += n;
+                sh.activity.touch();
+                Ok(true)
+            }
+            Ok(None) => {
+                self.read_stalled = true;
+                Ok(false)
+            }
+            Err(e) if is_retry(&e) => Ok(false),
+            Err(e) => Err((self.src_side, e)),
+        }
+    }
+
+    /// Writes held bytes to `dst`. Returns whether anything moved.
+    fn write_from_stage(
+        &mut self,
+        dst: &TcpStream,
+        sh: &Shared<'_>,
+    ) -> Result<bool, (Side, io::Error)> {
+        let dst_side = self.src_side.other();
+        let Some(st) = self.stage.as_mut() else {
+            return Ok(false);
+        };
+        let held = self.held;
+        // The stage holds data, so EAGAIN here means the socket's send
+        // buffer is full and clearing its write readiness is correct.
+        match dst.try_io(Interest::WRITABLE, || st.drain(dst, held)) {
+            Ok(0) => Err((dst_side, io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                self.held = self.held.saturating_sub(n);
+                sh.counters
+                    .delivered_to(dst_side)
+                    .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+                self.read_stalled = false;
+                sh.activity.touch();
+                Ok(true)
+            }
+            Err(e) if is_retry(&e) => Ok(false),
+            Err(e) => Err((dst_side, e)),
         }
     }
 }
@@ -551,12 +682,145 @@ fn is_retry(e: &io::Error) -> bool {
     )
 }
 
+/// Where one direction's bytes wait between the two sockets: a pipe the
+/// kernel splices through, or a user-space buffer when no pipe can be had
+/// (or [`CopyMode::Buffered`] asked for one).
+enum Stage {
+    Pipe(Pipe),
+    /// Bytes `start..end` of `buf` are held.
+    Buffer {
+        buf: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
+}
+
+impl Stage {
+    fn take(opts: &ForwardOptions, pipes: &PipeSource) -> Stage {
+        if opts.mode == CopyMode::Splice {
+            match pipes(opts.pipe_size) {
+                Ok(p) => return Stage::Pipe(p),
+                Err(e) => note_fallback(&e),
+            }
+        }
+        Stage::Buffer {
+            buf: vec![0u8; BUFFERED_COPY_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// A buffer stage holding `data`.
+    fn buffer_with(data: &[u8]) -> Stage {
+        let mut buf = vec![0u8; BUFFERED_COPY_SIZE.max(data.len())].into_boxed_slice();
+        buf[..data.len()].copy_from_slice(data);
+        Stage::Buffer {
+            buf,
+            start: 0,
+            end: data.len(),
+        }
+    }
+
+    /// Returns an empty stage: a pipe to the pool, a buffer to the allocator.
+    fn give_back(self) {
+        if let Stage::Pipe(p) = self {
+            PIPE_POOL.put(p);
+        }
+    }
+
+    fn is_pipe(&self) -> bool {
+        matches!(self, Stage::Pipe(_))
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            Stage::Pipe(p) => p.capacity,
+            Stage::Buffer { buf, .. } => buf.len(),
+        }
+    }
+
+    /// Reads up to `max` bytes from `src` into the stage; `Ok(0)` is
+    /// end-of-stream.
+    fn fill(&mut self, src: &TcpStream, max: usize) -> io::Result<usize> {
+        match self {
+            Stage::Pipe(p) => splice(src.as_fd(), p.write.as_fd(), max),
+            Stage::Buffer { buf, start, end } => {
+                if *start > 0 {
+                    buf.copy_within(*start..*end, 0);
+                    *end -= *start;
+                    *start = 0;
+                }
+                let free = buf.get_mut(*end..).unwrap_or_default();
+                let limit = max.min(free.len());
+                let n = (&*socket2::SockRef::from(src)).read(&mut free[..limit])?;
+                *end += n;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Writes up to `len` held bytes to `dst`.
+    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+        match self {
+            Stage::Pipe(p) => splice(p.read.as_fd(), dst.as_fd(), len),
+            Stage::Buffer { buf, start, end } => {
+                let held = buf.get(*start..*end).unwrap_or_default();
+                // socket2 sends with MSG_NOSIGNAL.
+                let n = (&*socket2::SockRef::from(dst)).write(&held[..len.min(held.len())])?;
+                *start += n;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// Most empty pipes kept for reuse.
+const PIPE_POOL_MAX: usize = 64;
+
+/// Empty pipes kept for the next direction that turns readable: creating a
+/// pipe and sizing it costs three syscalls and closing it two, per
+/// direction, which a connection-per-request workload would pay each time.
+static PIPE_POOL: PipePool = PipePool(Mutex::new(Vec::new()));
+
+struct PipePool(Mutex<Vec<Pipe>>);
+
+impl PipePool {
+    fn get(&self, size: usize) -> Option<Pipe> {
+        let mut spare = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Pipes of another requested size (only tests mix sizes) are closed.
+        while let Some(p) = spare.pop() {
+            if p.requested == size {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Keeps `p`, which must be empty, unless the pool is full.
+    fn put(&self, p: Pipe) {
+        let mut spare = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < PIPE_POOL_MAX {
+            spare.push(p);
+        }
+    }
+}
+
+/// A pipe of `size` bytes from the pool, or a new one.
+fn take_pipe(size: usize) -> io::Result<Pipe> {
+    match PIPE_POOL.get(size) {
+        Some(p) => Ok(p),
+        None => Pipe::new(size),
+    }
+}
+
 /// A pipe used as the in-kernel buffer of one direction.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     /// Bytes the pipe can hold.
     capacity: usize,
+    /// The size it was created for.
+    requested: usize,
 }
 
 impl Pipe {
@@ -589,6 +853,7 @@ impl Pipe {
             read,
             write,
             capacity,
+            requested: size,
         })
     }
 }
@@ -635,131 +900,6 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
     }
 }
 
-/// Buffered copy, with the same accounting and idle tracking as splicing.
-async fn copy_buffered(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    counters: &Counters,
-    activity: &Activity,
-) -> DirResult {
-    let failed = AtomicU8::new(0);
-    let mut c = Tracked {
-        io: client,
-        side: Side::Client,
-        delivered: counters.delivered_to(Side::Client),
-        activity,
-        failed: &failed,
-    };
-    let mut u = Tracked {
-        io: upstream,
-        side: Side::Upstream,
-        delivered: counters.delivered_to(Side::Upstream),
-        activity,
-        failed: &failed,
-    };
-    tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUFFERED_COPY_SIZE, BUFFERED_COPY_SIZE)
-        .await
-        .map(|_| ())
-        .map_err(|e| {
-            // Every error comes out of one of the two wrappers, which
-            // recorded its side first.
-            let side = Side::from_code(failed.load(Ordering::Relaxed)).unwrap_or(Side::Client);
-            (side, e)
-        })
-}
-
-/// A stream that counts bytes written to it, marks activity, and remembers
-/// which side failed first.
-struct Tracked<'a> {
-    io: &'a mut TcpStream,
-    side: Side,
-    delivered: &'a AtomicU64,
-    activity: &'a Activity,
-    failed: &'a AtomicU8,
-}
-
-impl Tracked<'_> {
-    fn note<T>(&self, res: &Poll<io::Result<T>>) {
-        if let Poll::Ready(Err(_)) = res {
-            // Only the first failure matters; later ones are fallout.
-            let _ = self.failed.compare_exchange(
-                0,
-                self.side.code(),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
-    }
-
-    fn wrote(&self, res: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n @ 1..)) = res {
-            self.delivered
-                .fetch_add(u64::try_from(*n).unwrap_or(u64::MAX), Ordering::Relaxed);
-            self.activity.touch();
-        }
-        self.note(res);
-    }
-}
-
-impl AsyncRead for Tracked<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let res = Pin::new(&mut *this.io).poll_read(cx, buf);
-        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
-        }
-        this.note(&res);
-        res
-    }
-}
-
-impl AsyncWrite for Tracked<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut *this.io).poll_write(cx, buf);
-        this.wrote(&res);
-        res
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
-        this.wrote(&res);
-        res
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut *this.io).poll_flush(cx);
-        this.note(&res);
-        res
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut *this.io).poll_shutdown(cx);
-        this.note(&res);
-        res
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,7 +918,7 @@ mod tests {
     /// client app <-> [proxy: forward()] <-> server app, all on loopback.
     async fn proxied_pair(
         opts: ForwardOptions,
-        pipes: Option<fn() -> io::Result<[Pipe; 2]>>,
+        pipes: Option<fn(usize) -> io::Result<Pipe>>,
     ) -> (TcpStream, TcpStream, Forwarder) {
         let front = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
         let back = TcpListener::bind("127.0.0.1:0").await.expect("bind back");
@@ -794,7 +934,7 @@ mod tests {
         tune_stream(&proxy_upstream, Some(Duration::from_secs(30))).expect("tune upstream");
         let handle = tokio::spawn(async move {
             match pipes {
-                Some(make) => forward_with(proxy_client, proxy_upstream, &opts, Some(make())).await,
+                Some(make) => forward_with(proxy_client, proxy_upstream, &opts, &make).await,
                 None => forward(proxy_client, proxy_upstream, &opts).await,
             }
         });
@@ -858,7 +998,7 @@ mod tests {
 
     async fn bulk_both_directions(
         opts: ForwardOptions,
-        pipes: Option<fn() -> io::Result<[Pipe; 2]>>,
+        pipes: Option<fn(usize) -> io::Result<Pipe>>,
         total: usize,
     ) {
         let (client_app, server_app, handle) = proxied_pair(opts, pipes).await;
@@ -909,10 +1049,32 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn falls_back_to_buffered_when_pipes_fail() {
         let before = splice_fallback_count();
-        let emfile: fn() -> io::Result<[Pipe; 2]> =
-            || Err(io::Error::from_raw_os_error(libc::EMFILE));
+        let emfile: fn(usize) -> io::Result<Pipe> =
+            |_| Err(io::Error::from_raw_os_error(libc::EMFILE));
         bulk_both_directions(opts(CopyMode::Splice), Some(emfile), 4 * MIB).await;
         assert!(splice_fallback_count() > before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_direction_takes_a_pipe_only_when_data_arrives() {
+        static TAKEN: AtomicU64 = AtomicU64::new(0);
+        let counting: fn(usize) -> io::Result<Pipe> = |size| {
+            TAKEN.fetch_add(1, Ordering::SeqCst);
+            Pipe::new(size)
+        };
+        let (mut client_app, mut server_app, handle) =
+            proxied_pair(opts(CopyMode::Splice), Some(counting)).await;
+        let mut buf = [0u8; 4];
+        client_app.write_all(b"ping").await.expect("client write");
+        server_app.read_exact(&mut buf).await.expect("server read");
+        // Only the direction that carried bytes has taken a pipe.
+        assert_eq!(TAKEN.load(Ordering::SeqCst), 1);
+        server_app.write_all(b"pong").await.expect("server write");
+        client_app.read_exact(&mut buf).await.expect("client read");
+        assert_eq!(TAKEN.load(Ordering::SeqCst), 2);
+        drop(client_app);
+        drop(server_app);
+        let _ = finish(handle).await;
     }
 
     async fn half_close(mode: CopyMode) {

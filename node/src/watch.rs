@@ -19,7 +19,8 @@ use strait_proto::v1::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use strait_proto::tls::Transport;
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::state::{NodeState, StateError};
@@ -197,6 +198,7 @@ impl Watcher {
         addrs: &[String],
         registration: Registration,
         tx: watch::Sender<Arc<NodeState>>,
+        transport: &Transport,
     ) -> Result<Self, WatchError> {
         if addrs.is_empty() {
             return Err(WatchError::NoControl);
@@ -204,14 +206,14 @@ impl Watcher {
         let clients = addrs
             .iter()
             .map(|addr| {
-                let ep = Endpoint::from_shared(format!("http://{addr}"))
+                let ep = strait_proto::tls::endpoint(addr)
                     .map_err(|source| WatchError::Address {
                         addr: addr.clone(),
                         source,
                     })?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true);
-                Ok(ResourcesClient::new(ep.connect_lazy())
+                Ok(ResourcesClient::new(transport.lazy(ep, None))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES))
             })

@@ -12,5 +12,6 @@ pub mod v1 {
 mod int_or_string;
 pub mod manifest;
 mod object;
+pub mod tls;
 
 pub use object::{Kind, UnknownKind};

@@ -37,6 +37,7 @@ impl Control {
 
     pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Control {
         let mut child = Command::new(BIN)
+            .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
             .args(["control", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", listen])
@@ -104,6 +105,7 @@ impl Drop for Control {
 pub fn cli(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut child = Command::new(BIN)
+        .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
         .args(args)
         .env("STRAIT_SERVER", server)
         .stdin(Stdio::piped())

@@ -400,7 +400,7 @@ fn endpoint_slices_follow_pods_with_named_ports_and_readiness() {
         &["apply", "-f", "-"],
         &unready.replace("app: web", "app: gone"),
     ));
-    ok(c.cli(&["delete", "pod", "b"]));
+    ok(c.cli(&["delete", "pod", "b", "--grace-period", "0"]));
     assert_eq!(endpoints(&c), vec![("10.0.0.1".into(), 7070, true)]);
     // Derived slices may not be written or deleted by hand.
     let name = get_json(&c, &["endpointslices"])["items"][0]["metadata"]["name"]
@@ -556,4 +556,5 @@ fn concurrent_applies_get_distinct_allocations() {
 }
 
 mod dev;
+mod lifecycle;
 mod watch;

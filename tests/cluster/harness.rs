@@ -53,6 +53,7 @@ impl Replica {
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("log file");
         let mut child = Command::new(BIN)
+            .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
             .args(&self.args)
             .env("STRAIT_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())

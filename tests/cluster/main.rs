@@ -250,6 +250,7 @@ async fn members_join_by_snapshot_and_leave_under_load() {
     c.add_replica(4, None, who).await;
     let proxy4 = c.replicas[&4].proxy.to_string();
     let out = std::process::Command::new(BIN)
+        .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
         .args(["cluster", "add-member", "--id", "4", "--address", &proxy4])
         .env("STRAIT_SERVER", c.addrs().join(","))
         .output()
@@ -268,6 +269,7 @@ async fn members_join_by_snapshot_and_leave_under_load() {
     .await;
 
     let out = std::process::Command::new(BIN)
+        .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
         .args(["cluster", "remove-member", "--id", "1"])
         .env("STRAIT_SERVER", c.addrs().join(","))
         .output()

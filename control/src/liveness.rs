@@ -1,0 +1,163 @@
+//! Node liveness and Pod termination, driven by the leader: agents send
+//! heartbeats to every replica; the leader marks a node silent for the grace
+//! period Ready=False (its Pods' endpoints turn unready in the same
+//! revision), marks it Ready again when heartbeats return, and removes
+//! terminating Pods whose grace period has ended. Every decision is written
+//! through Raft, so the state stays deterministic.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use prost::Message;
+use strait_proto::Kind;
+use strait_proto::v1::{Condition, HeartbeatRequest, HeartbeatResponse, Object, nodes_server, object};
+use tonic::{Request, Response, Status};
+
+use crate::api::Writer;
+use crate::raft::Raft;
+use crate::state::{Command, now_unix_nanos};
+use crate::watch::{self, Shared};
+
+/// Last heartbeat per node name, as this replica received them.
+#[derive(Clone, Default)]
+pub struct Heartbeats(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl Heartbeats {
+    fn record(&self, node: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), Instant::now());
+    }
+
+    fn last(&self, node: &str) -> Option<Instant> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(node).copied()
+    }
+}
+
+/// The `Nodes` gRPC service.
+pub struct NodesApi {
+    heartbeats: Heartbeats,
+    raft: Arc<Raft>,
+}
+
+impl NodesApi {
+    pub fn new(heartbeats: Heartbeats, raft: Arc<Raft>) -> Self {
+        Self { heartbeats, raft }
+    }
+}
+
+#[tonic::async_trait]
+impl nodes_server::Nodes for NodesApi {
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = crate::authz::Caller::of(&req)?;
+        let req = req.into_inner();
+        crate::authz::heartbeat(&caller, &req.node_name)
+            .map_err(|d| d.status("Nodes.Heartbeat"))?;
+        if req.node_name.is_empty() {
+            return Err(Status::invalid_argument("node_name is required"));
+        }
+        self.heartbeats.record(&req.node_name);
+        let m = self.raft.metrics().borrow_watched().clone();
+        Ok(Response::new(HeartbeatResponse {
+            leader: m.current_leader == Some(m.id),
+        }))
+    }
+}
+
+fn ready_condition(node: &Object) -> Option<String> {
+    match &node.kind {
+        Some(object::Kind::Node(n)) => n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"))
+            .map(|c| c.status.clone()),
+        _ => None,
+    }
+}
+
+/// The node with its Ready condition set, carrying its resourceVersion so a
+/// concurrent update wins and this one is retried next round.
+fn with_ready(node: &Object, ready: bool, now: i64) -> Option<Object> {
+    let Some(object::Kind::Node(n)) = &node.kind else { return None };
+    let mut n = n.clone();
+    let status = n.status.get_or_insert_default();
+    let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_nanos(now.max(0) as u64)).to_string();
+    let cond = Condition {
+        r#type: "Ready".into(),
+        status: if ready { "True" } else { "False" }.into(),
+        last_heartbeat_time: when.clone(),
+        last_transition_time: when,
+        reason: if ready { "AgentReady" } else { "NodeStatusUnknown" }.into(),
+        message: if ready {
+            "strait node agent is sending heartbeats".into()
+        } else {
+            "strait node agent stopped sending heartbeats".into()
+        },
+    };
+    status.conditions.retain(|c| c.r#type != "Ready");
+    status.conditions.push(cond);
+    Some(n.into())
+}
+
+/// Runs the leader's periodic duties until the process ends.
+pub fn spawn(raft: Arc<Raft>, shared: Shared, writer: Writer, heartbeats: Heartbeats, grace: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut leader_since: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            let m = raft.metrics().borrow_watched().clone();
+            if m.current_leader != Some(m.id) {
+                leader_since = None;
+                continue;
+            }
+            // A new leader gives every node a full grace period.
+            let since = *leader_since.get_or_insert_with(Instant::now);
+            let now = now_unix_nanos();
+            let (expired, nodes) = {
+                let store = watch::read(&shared);
+                let nodes: Vec<Object> = store.state().list(Some(Kind::Node), "").cloned().collect();
+                (store.state().expired_pods(now), nodes)
+            };
+            for (namespace, name) in expired {
+                let cmd = Command::Delete {
+                    kind: "Pod".into(),
+                    namespace,
+                    name: name.clone(),
+                    resource_version: String::new(),
+                    now_unix_nanos: now,
+                    grace_seconds: Some(0),
+                };
+                if let Err(e) = writer.write_local(cmd).await {
+                    tracing::warn!(pod = %name, error = %e, "removing a terminated pod failed; will retry");
+                }
+            }
+            for node in nodes {
+                let name = node.name().to_string();
+                let seen = heartbeats.last(&name).map_or(since, |t| t.max(since));
+                let silent = seen.elapsed() >= grace;
+                let ready = ready_condition(&node).is_none_or(|s| s == "True");
+                let next = match (ready, silent) {
+                    (true, true) => with_ready(&node, false, now),
+                    (false, false) if heartbeats.last(&name).is_some_and(|t| t >= since) => with_ready(&node, true, now),
+                    _ => None,
+                };
+                let Some(next) = next else { continue };
+                let cmd = Command::Apply {
+                    object: next.encode_to_vec(),
+                    now_unix_nanos: now,
+                };
+                match writer.write_local(cmd).await {
+                    Ok(r) if r.0.is_ok() => {
+                        tracing::info!(node = %name, ready = !ready, "node readiness changed")
+                    }
+                    Ok(r) => tracing::debug!(node = %name, result = ?r.0, "node readiness update refused; will retry"),
+                    Err(e) => tracing::warn!(node = %name, error = %e, "node readiness update failed; will retry"),
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,300 @@
+//! The data plane through the real binary: `strait control` and `strait
+//! node` processes on loopback, backends as plain TCP servers in the test.
+//! Every test has its own address ranges (`Net::new(n)`) so tests run in
+//! parallel, and waits by polling, never by sleeping.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+
+use harness::*;
+
+/// Starts a control plane and `node-1` in `dir`.
+fn cluster(dir: &std::path::Path, net: &Net) -> (Control, Node) {
+    let control = Control::start(&dir.join("control"), net);
+    let node = Node::start("node-1", net, &control.addr, &dir.join("node"));
+    (control, node)
+}
+
+/// Waits until a new connection through `addr` reaches one of `names`.
+fn wait_forwarding(addr: &str, names: &[&str]) {
+    eventually(&format!("{addr} to forward to one of {names:?}"), || {
+        who(addr).ok().filter(|n| names.contains(&n.as_str()))
+    });
+}
+
+#[test]
+fn three_backends_get_a_balanced_share_on_every_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(1);
+    let (control, _node) = cluster(dir.path(), &net);
+    let backends: Vec<Backend> = ["b1", "b2", "b3"].map(Backend::greeter).into();
+    let mut yaml = service("web", "LoadBalancer", "app: web");
+    for b in &backends {
+        yaml.push_str(&pod(b, "app: web"));
+    }
+    control.apply(&yaml);
+
+    let svc = control.service("web");
+    let node_port = svc["spec"]["ports"][0]["nodePort"]
+        .as_i64()
+        .expect("nodePort");
+    let lb_ip = svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .expect("LB IP");
+    let addrs = [
+        cluster_addr(&control, "web"),
+        format!("{}:{node_port}", net.node_ip),
+        format!("{lb_ip}:8080"),
+    ];
+    for addr in &addrs {
+        // Wait until all three endpoints are known to the agent.
+        let mut seen = std::collections::BTreeSet::new();
+        eventually(&format!("{addr} to reach every backend"), || {
+            seen.extend(who(addr).ok());
+            (seen.len() == 3).then_some(())
+        });
+        // Sequential short connections: expected a third each. A share
+        // under a fifth would be a broken balancer, not bad luck (over 5
+        // standard deviations).
+        let total = 300;
+        let mut share: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..total {
+            let name = who(addr).expect("connection through the service");
+            *share.entry(name).or_default() += 1;
+        }
+        assert_eq!(share.len(), 3, "{addr}: {share:?}");
+        assert!(
+            share.values().all(|&n| n * 5 >= total),
+            "{addr}: unbalanced {share:?}"
+        );
+        // Held connections: least-connections spreads them evenly.
+        let held: Vec<_> = (0..30)
+            .map(|_| greeting(addr).expect("held connection"))
+            .collect();
+        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+        for (_, name) in &held {
+            *per.entry(name.as_str()).or_default() += 1;
+        }
+        assert!(per.values().all(|&n| n >= 5), "{addr}: held {per:?}");
+    }
+}
+
+#[test]
+fn a_killed_backend_fails_no_client_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(2);
+    let (control, _node) = cluster(dir.path(), &net);
+    let mut backends: Vec<Backend> = ["k1", "k2", "k3"].map(Backend::greeter).into();
+    let mut yaml = service("web", "ClusterIP", "app: web");
+    for b in &backends {
+        yaml.push_str(&pod(b, "app: web"));
+    }
+    control.apply(&yaml);
+    let addr = cluster_addr(&control, "web");
+    let mut seen = std::collections::BTreeSet::new();
+    eventually("every backend to be reached", || {
+        seen.extend(who(&addr).ok());
+        (seen.len() == 3).then_some(())
+    });
+
+    // Crash one backend; the control plane is not told (its Pod stays
+    // ready), so only the agent's retries stand between it and clients.
+    backends[0].kill();
+    for i in 0..100 {
+        let name = who(&addr).unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        assert_ne!(name, "k1", "connection {i} reached the dead backend");
+    }
+}
+
+#[test]
+fn a_service_edit_moves_new_connections_and_keeps_old_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(3);
+    let (control, _node) = cluster(dir.path(), &net);
+    let (old, new) = (Backend::greeter("v1"), Backend::greeter("v2"));
+    control.apply(&format!(
+        "{}{}{}",
+        service("web", "ClusterIP", "app: web, version: v1"),
+        pod(&old, "app: web, version: v1"),
+        pod(&new, "app: web, version: v2"),
+    ));
+    let addr = cluster_addr(&control, "web");
+    wait_forwarding(&addr, &["v1"]);
+    let (mut kept, name) = greeting(&addr).expect("connection before the edit");
+    assert_eq!(name, "v1");
+    echo(&mut kept, b"before").expect("echo before the edit");
+
+    control.apply(&service("web", "ClusterIP", "app: web, version: v2"));
+    assert_eq!(cluster_addr(&control, "web"), addr, "the ClusterIP stays");
+    wait_forwarding(&addr, &["v2"]);
+    for i in 0..30 {
+        assert_eq!(
+            who(&addr).expect("connection after the edit"),
+            "v2",
+            "new connection {i} after the edit"
+        );
+    }
+    // The connection made before the edit still runs, to its old backend.
+    echo(&mut kept, b"after the edit").expect("old connection still forwards");
+}
+
+/// xorshift64*: a deterministic pseudo-random byte stream.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, out: &mut [u8]) {
+        for word in out.chunks_exact_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            word.copy_from_slice(&self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+    }
+}
+
+/// Sends `total` pattern bytes to a sink through `addr`, half-closes, and
+/// returns what the sink reported next to what was sent.
+fn send_to_sink(addr: &str, total: usize) -> (String, String) {
+    let mut s = connect(addr).expect("connect");
+    let mut pattern = Pattern(0x5eed);
+    let mut hash = Hash::default();
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut sent = 0usize;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        pattern.fill(&mut chunk[..n]);
+        hash.update(&chunk[..n]);
+        s.write_all(&chunk[..n]).expect("send");
+        sent += n;
+    }
+    // The sink only answers once it saw end-of-stream, which the agent must
+    // pass on while keeping the way back open.
+    s.shutdown(Shutdown::Write).expect("half-close");
+    let report = read_line(&mut s).expect("the sink's report");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("end of stream");
+    assert!(rest.is_empty(), "unexpected bytes after the report");
+    (report, format!("{total} {:016x}", hash.finish()))
+}
+
+#[test]
+fn one_gib_arrives_byte_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(4);
+    let (control, _node) = cluster(dir.path(), &net);
+    let sink = Backend::sink("sink");
+    control.apply(&format!(
+        "{}{}",
+        service("bulk", "ClusterIP", "app: bulk"),
+        pod(&sink, "app: bulk")
+    ));
+    let addr = cluster_addr(&control, "bulk");
+    eventually("the sink to be reachable", || {
+        let (got, want) = send_to_sink(&addr, 0).clone();
+        (got == want).then_some(())
+    });
+    let (got, want) = send_to_sink(&addr, 1 << 30);
+    assert_eq!(got, want, "the sink saw other bytes than were sent");
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(5);
+    let (control, _node) = cluster(dir.path(), &net);
+    let (sink, greeter) = (Backend::sink("sink"), Backend::greeter("echo"));
+    control.apply(&format!(
+        "{}{}{}{}",
+        service("sink", "ClusterIP", "app: sink"),
+        pod(&sink, "app: sink"),
+        service("echo", "ClusterIP", "app: echo"),
+        pod(&greeter, "app: echo"),
+    ));
+    // Client half-closes first: the reply still arrives.
+    let addr = cluster_addr(&control, "sink");
+    eventually("the sink to be reachable", || {
+        connect(&addr).ok().map(|mut s| {
+            let _ = s.shutdown(Shutdown::Write);
+            read_line(&mut s).ok()
+        })?
+    });
+    let (got, want) = send_to_sink(&addr, 3 << 20);
+    assert_eq!(got, want);
+
+    // Client half-closes after data in flight: everything sent before the
+    // FIN is echoed, then the server's FIN arrives.
+    let addr = cluster_addr(&control, "echo");
+    wait_forwarding(&addr, &["echo"]);
+    let (mut s, _) = greeting(&addr).expect("connect");
+    let msg = vec![b'x'; 1 << 20];
+    let writer = {
+        let mut w = s.try_clone().expect("clone");
+        let msg = msg.clone();
+        std::thread::spawn(move || {
+            w.write_all(&msg).expect("send");
+            w.shutdown(Shutdown::Write).expect("half-close");
+        })
+    };
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("read to end");
+    writer.join().expect("writer");
+    assert!(back == msg, "echoed {} of {} bytes", back.len(), msg.len());
+}
+
+/// Whether `data_dir/state.pb` mentions `needle` (a Service name): the agent
+/// persisted a state that has it.
+fn persisted(data_dir: &std::path::Path, needle: &str) -> bool {
+    std::fs::read(data_dir.join("state.pb"))
+        .map(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        .unwrap_or(false)
+}
+
+#[test]
+fn control_plane_outage_and_agent_restart_keep_traffic_flowing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(6);
+    let node_dir = dir.path().join("node");
+    let (mut control, mut node) = cluster(dir.path(), &net);
+    let backends: Vec<Backend> = ["o1", "o2"].map(Backend::greeter).into();
+    control.apply(&format!(
+        "{}{}{}",
+        service("steady", "ClusterIP", "app: steady"),
+        pod(&backends[0], "app: steady"),
+        pod(&backends[1], "app: steady"),
+    ));
+    let addr = cluster_addr(&control, "steady");
+    wait_forwarding(&addr, &["o1", "o2"]);
+    let (mut kept, _) = greeting(&addr).expect("long-lived connection");
+    eventually("the agent to persist its state", || {
+        persisted(&node_dir, "steady").then_some(())
+    });
+
+    // Control plane down: open connections and new ones keep working.
+    control.kill();
+    echo(&mut kept, b"during the outage").expect("open connection survives");
+    for i in 0..20 {
+        who(&addr).unwrap_or_else(|e| panic!("new connection {i} during the outage: {e}"));
+    }
+
+    // The agent restarts while the control plane is still down: it
+    // forwards again from its persisted state.
+    node.restart();
+    wait_forwarding(&addr, &["o1", "o2"]);
+    for i in 0..20 {
+        who(&addr).unwrap_or_else(|e| panic!("connection {i} after the agent restart: {e}"));
+    }
+
+    // Control plane back: the watch resumes and a new Service shows up.
+    control.restart();
+    let late = Backend::greeter("late");
+    control.apply(&format!(
+        "{}{}",
+        service("late", "ClusterIP", "app: late"),
+        pod(&late, "app: late"),
+    ));
+    wait_forwarding(&cluster_addr(&control, "late"), &["late"]);
+    wait_forwarding(&addr, &["o1", "o2"]);
+}
