@@ -607,3 +607,177 @@ pub fn resolve_target_port(
         None => Some(port.port),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use strait_proto::v1::{ObjectMeta, SessionAffinityConfig};
+
+    use super::*;
+
+    fn alloc() -> Allocators {
+        Allocators {
+            cluster_ips: IpRange::new("10.96.0.0/12".parse().expect("cidr")),
+            node_ports: "30000-32767".parse().expect("range"),
+            lb_ips: "192.0.2.0/28".parse().expect("pool"),
+        }
+    }
+
+    fn svc(spec: ServiceSpec) -> Service {
+        Service {
+            metadata: Some(ObjectMeta {
+                name: "web".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            spec: Some(spec),
+            ..Default::default()
+        }
+    }
+
+    fn port(p: i32) -> ServicePort {
+        ServicePort {
+            port: p,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_allocations() {
+        let s = plan(
+            svc(ServiceSpec {
+                r#type: "LoadBalancer".into(),
+                external_traffic_policy: "Local".into(),
+                session_affinity: "ClientIP".into(),
+                ports: vec![port(80)],
+                ..Default::default()
+            }),
+            None,
+            &alloc(),
+        )
+        .expect("valid");
+        let spec = s.spec.clone().expect("spec");
+        assert_eq!(spec.ports[0].protocol, "TCP");
+        assert_eq!(spec.ports[0].target_port, Some(IntOrString::int(80)));
+        assert!(spec.ports[0].node_port >= 30000);
+        assert!(spec.health_check_node_port >= 30000);
+        assert_ne!(spec.health_check_node_port, spec.ports[0].node_port);
+        assert_eq!(spec.allocate_load_balancer_node_ports, Some(true));
+        assert_eq!(spec.internal_traffic_policy, "Cluster");
+        assert_eq!(spec.ip_families, vec!["IPv4".to_string()]);
+        assert_eq!(spec.cluster_ips, vec![spec.cluster_ip.clone()]);
+        let timeout = spec
+            .session_affinity_config
+            .and_then(|c| c.client_ip)
+            .and_then(|c| c.timeout_seconds);
+        assert_eq!(timeout, Some(10800));
+        assert_eq!(held(&s).lb_ip, Some("192.0.2.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn external_name_has_no_cluster_ip() {
+        let s = plan(
+            svc(ServiceSpec {
+                r#type: "ExternalName".into(),
+                external_name: "db.example.com.".into(),
+                ..Default::default()
+            }),
+            None,
+            &alloc(),
+        )
+        .expect("valid");
+        let spec = s.spec.expect("spec");
+        assert!(spec.cluster_ip.is_empty() && spec.cluster_ips.is_empty());
+        assert!(spec.internal_traffic_policy.is_empty());
+    }
+
+    #[test]
+    fn table_of_invalid_specs() {
+        let cases: Vec<(ServiceSpec, &str)> = vec![
+            (
+                ServiceSpec {
+                    ports: vec![port(80)],
+                    session_affinity_config: Some(SessionAffinityConfig::default()),
+                    ..Default::default()
+                },
+                "spec.sessionAffinityConfig",
+            ),
+            (
+                ServiceSpec {
+                    ports: vec![port(80)],
+                    load_balancer_ip: "192.0.2.5".into(),
+                    ..Default::default()
+                },
+                "spec.loadBalancerIP: Forbidden: may only be used when `type` is 'LoadBalancer'",
+            ),
+            (
+                ServiceSpec {
+                    ports: vec![port(80)],
+                    health_check_node_port: 30500,
+                    ..Default::default()
+                },
+                "spec.healthCheckNodePort",
+            ),
+            (
+                ServiceSpec {
+                    ports: vec![ServicePort {
+                        port: 80,
+                        protocol: "HTTP".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                "spec.ports[0].protocol: Unsupported value: \"HTTP\"",
+            ),
+            (
+                ServiceSpec {
+                    r#type: "LoadBalancer".into(),
+                    ports: vec![port(80)],
+                    load_balancer_source_ranges: vec!["not-a-cidr".into()],
+                    ..Default::default()
+                },
+                "spec.loadBalancerSourceRanges[0]",
+            ),
+            (
+                ServiceSpec {
+                    ports: vec![port(80)],
+                    internal_traffic_policy: "Nearby".into(),
+                    ..Default::default()
+                },
+                "spec.internalTrafficPolicy: Unsupported value",
+            ),
+        ];
+        for (spec, want) in cases {
+            let errs = plan(svc(spec.clone()), None, &alloc()).expect_err("invalid");
+            let text = crate::field::aggregate(&errs.0);
+            assert!(text.contains(want), "{spec:?}\nwant {want}\ngot {text}");
+        }
+    }
+
+    #[test]
+    fn type_change_keeps_and_releases_correctly() {
+        let a = alloc();
+        let np = plan(
+            svc(ServiceSpec {
+                r#type: "NodePort".into(),
+                ports: vec![port(80)],
+                ..Default::default()
+            }),
+            None,
+            &a,
+        )
+        .expect("valid");
+        // Back to ClusterIP: node ports dropped, cluster IP kept.
+        let back = plan(
+            svc(ServiceSpec {
+                ports: vec![port(80)],
+                ..Default::default()
+            }),
+            Some(&np),
+            &a,
+        )
+        .expect("valid");
+        let (h1, h2) = (held(&np), held(&back));
+        assert_eq!(h1.cluster_ip, h2.cluster_ip);
+        assert!(h2.node_ports.is_empty());
+    }
+}
