@@ -89,7 +89,9 @@ pub enum CertsError {
     #[error(transparent)]
     Identity(#[from] strait_proto::tls::TlsError),
     /// The CA certificate does not name a trust domain.
-    #[error("{0}: the CA certificate carries no spiffe://<trust-domain> URI SAN (was it made by `strait certs init`?)")]
+    #[error(
+        "{0}: the CA certificate carries no spiffe://<trust-domain> URI SAN (was it made by `strait certs init`?)"
+    )]
     NoTrustDomain(PathBuf),
     /// A lifetime too long to represent.
     #[error("lifetime {0:?} is too long")]
@@ -155,7 +157,9 @@ pub fn init(trust_domain: &str, out: &Path, lifetime: Duration) -> Result<(), Ce
     params
         .distinguished_name
         .push(DnType::CommonName, format!("Strait CA {trust_domain}"));
-    params.distinguished_name.push(DnType::OrganizationName, "strait");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "strait");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -214,7 +218,9 @@ pub fn issue(
     params
         .distinguished_name
         .push(DnType::CommonName, format!("{role}/{name}"));
-    params.distinguished_name.push(DnType::OrganizationName, "strait");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "strait");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match role {
         // A replica serves clients and dials its peers.
@@ -233,7 +239,10 @@ pub fn issue(
         .map_err(rcgen_err("signing the certificate"))?;
     create_dir(out)?;
     let base = format!("{role}-{name}");
-    let (crt, key) = (out.join(format!("{base}.crt")), out.join(format!("{base}.key")));
+    let (crt, key) = (
+        out.join(format!("{base}.crt")),
+        out.join(format!("{base}.key")),
+    );
     write_atomic(&key, key_pair.serialize_pem().as_bytes(), 0o600)?;
     write_atomic(&crt, cert.pem().as_bytes(), 0o644)?;
     println!(

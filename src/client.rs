@@ -27,7 +27,7 @@ pub struct TlsArgs {
     pub tls_ca: Option<PathBuf>,
     /// Plaintext gRPC, no certificates: anyone who reaches the port can read
     /// and write the cluster. For trials only.
-    #[arg(long, global = true, env = "STRAIT_INSECURE")]
+    #[arg(long, global = true, env = "STRAIT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 }
 
@@ -63,9 +63,11 @@ impl TlsArgs {
         } else {
             match home_files() {
                 Some(f) => Some(f),
-                None => self.files().context(
-                    "the CLI also looks for ~/.strait/admin.crt, ~/.strait/admin.key and ~/.strait/ca.crt",
-                )?,
+                None => bail!(
+                    "no TLS certificate: pass --tls-cert, --tls-key and --tls-ca \
+                     (or STRAIT_TLS_CERT, STRAIT_TLS_KEY, STRAIT_TLS_CA), put admin.crt, admin.key \
+                     and ca.crt in ~/.strait/, or pass --insecure for a plaintext control plane"
+                ),
             }
         };
         Ok(match files {

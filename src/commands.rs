@@ -345,10 +345,7 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
             );
             for m in s.members {
                 // Each member reports its own term, log and applied index.
-                let own = client
-                    .with_servers(vec![m.address.clone()])
-                    .cluster()
-                    .await;
+                let own = client.with_servers(vec![m.address.clone()]).cluster().await;
                 let own = match own {
                     Ok(mut c) => c.status(ClusterStatusRequest {}).await.ok().and_then(|r| {
                         r.into_inner()

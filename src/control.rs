@@ -49,6 +49,43 @@ pub struct ControlArgs {
     /// Log entries between snapshots (older entries are then purged).
     #[arg(long, env = "STRAIT_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
+    /// HTTP address for /metrics, /livez and /readyz (default 127.0.0.1:9701;
+    /// `off` disables; port 0 picks one and prints `metrics on ADDR`).
+    #[arg(long, env = "STRAIT_METRICS_LISTEN", value_parser = parse_listen)]
+    pub metrics_listen: Option<Listen>,
+}
+
+/// Default address of a control replica's metrics endpoint.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9701);
+
+/// An optional listen address: `IP:PORT` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    On(SocketAddr),
+}
+
+/// Parses `IP:PORT`, or `off`/`none`/`false`.
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    match s {
+        "off" | "none" | "false" => Ok(Listen::Off),
+        _ => s
+            .parse()
+            .map(Listen::On)
+            .map_err(|e| format!("{e}: expected IP:PORT or off")),
+    }
+}
+
+/// The metrics address to use and whether failing to bind it is fatal:
+/// an address given explicitly must work; a taken default port only
+/// costs the metrics endpoint (several processes on one host).
+pub fn metrics_address(flag: Option<Listen>, default: SocketAddr) -> (Option<SocketAddr>, bool) {
+    match flag {
+        None => (Some(default), false),
+        Some(Listen::Off) => (None, true),
+        Some(Listen::On(a)) => (Some(a), true),
+    }
 }
 
 /// Parses `1=a:1,2=b:2`.
@@ -85,6 +122,7 @@ impl ControlArgs {
             watch_history: self.watch_history,
             snapshot_every: self.snapshot_every,
             node_grace: self.node_grace,
+            metrics_listen: metrics_address(self.metrics_listen, DEFAULT_METRICS_LISTEN).0,
             ..Config::default()
         })
     }
@@ -92,16 +130,34 @@ impl ControlArgs {
 
 pub async fn run(args: ControlArgs, tls: &crate::client::TlsArgs) -> anyhow::Result<()> {
     let cfg = args.config(tls)?;
+    let (_, metrics_required) = metrics_address(args.metrics_listen, DEFAULT_METRICS_LISTEN);
     tracing::info!(config = ?cfg, "starting control replica");
-    let mut bound = app::build(cfg)
-        .await
-        .context("starting the control plane")?;
+    let mut bound = match app::build(cfg.clone()).await {
+        Err(app::StartError::Metrics(e)) if !metrics_required => {
+            tracing::warn!(error = %e, "serving no metrics: the default metrics port is taken (set --metrics-listen)");
+            app::build(Config {
+                metrics_listen: None,
+                ..cfg
+            })
+            .await
+        }
+        other => other,
+    }
+    .context("starting the control plane")?;
     // Printed for scripts and tests that start on port 0.
     println!("listening on {}", bound.addr);
+    if let Some(addr) = bound.metrics_addr {
+        println!("metrics on {addr}");
+    }
+    let watchdog = tokio_util::sync::CancellationToken::new();
+    crate::systemd::spawn_watchdog(watchdog.clone());
+    crate::systemd::ready(&format!("serving on {}", bound.addr));
+    let _stop_watchdog = watchdog.drop_guard();
     tokio::select! {
         r = bound.wait() => r.map_err(anyhow::Error::msg).context("gRPC server stopped"),
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
+            crate::systemd::stopping();
             bound.shutdown().await;
             Ok(())
         }

@@ -11,8 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use strait_proto::v1::resources_client::ResourcesClient;
 use strait_proto::v1::{ApplyRequest, ListRequest, Object, object};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use crate::demo::spawn_backend as demo_backend;
 
 /// The example manifests, as shipped in `examples/`.
 const EXAMPLES: &[(&str, &str)] = &[
@@ -59,34 +58,6 @@ pub struct DevArgs {
     /// Cluster DNS of the node agent (`off` disables it).
     #[arg(long, default_value = "127.0.0.1:5353")]
     pub dns_listen: String,
-}
-
-/// A demo workload: answers any request with one line naming itself, as an
-/// HTTP response so both `curl` and `nc` show it.
-async fn demo_backend(addr: SocketAddr, who: String) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding demo backend {addr}"))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let who = who.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
-                let body = format!("hello from {who}\n");
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
-    Ok(())
 }
 
 fn pod(name: &str, app: &str, node: &str, ip: &str, port_name: &str, port: u16) -> String {
@@ -188,6 +159,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "node-2".into(),
         vec![server.clone()],
         strait_proto::tls::Transport::Insecure,
+        // The demo's node-2 shares node-1's process and its state.
+        agent.metrics(),
         stop_node2.clone(),
     ));
     demo_backend("127.0.0.1:5678".parse()?, "backend-1 (node-1)".into()).await?;

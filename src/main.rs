@@ -6,9 +6,12 @@ mod certs;
 mod client;
 mod commands;
 mod control;
+mod demo;
 mod dev;
 mod node;
 mod output;
+mod telemetry;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,39 +107,36 @@ enum Command {
         #[command(subcommand)]
         command: commands::ClusterCommand,
     },
-}
-
-fn init_tracing(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("STRAIT_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    /// Demo workloads for images with nothing but strait: an HTTP backend
+    /// and a probe client.
+    Demo {
+        #[command(subcommand)]
+        command: demo::DemoCommand,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = client::Client::new(cli.server.clone(), cli.tls.clone());
+    let service = match &cli.command {
+        Command::Control(_) => Some("strait-control"),
+        Command::Node(_) => Some("strait-node"),
+        Command::Dev(_) => Some("strait-dev"),
+        _ => None,
+    };
+    let guard = match service.map(|s| telemetry::init(s, cli.log_json)) {
+        Some(Ok(g)) => Some(g),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        None => None,
+    };
     let result = match cli.command {
-        Command::Control(args) => {
-            init_tracing(cli.log_json);
-            control::run(args, &cli.tls).await
-        }
-        Command::Node(args) => {
-            init_tracing(cli.log_json);
-            node::run(args, &cli.tls).await
-        }
-        Command::Dev(args) => {
-            init_tracing(cli.log_json);
-            dev::run(args).await
-        }
+        Command::Control(args) => control::run(args, &cli.tls).await,
+        Command::Node(args) => node::run(args, &cli.tls).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Certs { command } => certs::run(command),
         Command::Apply { files } => commands::apply(&client, &files).await,
         Command::Get {
@@ -181,7 +181,11 @@ async fn main() -> ExitCode {
             .await
         }
         Command::Cluster { command } => commands::cluster(&client, command).await,
+        Command::Demo { command } => demo::run(command).await,
     };
+    if let Some(g) = guard {
+        g.shutdown().await;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

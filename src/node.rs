@@ -60,7 +60,20 @@ pub struct NodeArgs {
     /// TTL in seconds of cluster records and negative answers.
     #[arg(long, env = "STRAIT_DNS_TTL", default_value_t = 5)]
     pub dns_ttl: u32,
+    /// HTTP address for /metrics, /healthz and /livez (default 127.0.0.1:10249;
+    /// `off` disables; port 0 picks one and prints `metrics on ADDR`).
+    #[arg(long, env = "STRAIT_METRICS_LISTEN", value_parser = crate::control::parse_listen)]
+    pub metrics_listen: Option<crate::control::Listen>,
+    /// /healthz answers 503 once a received change has waited this long to
+    /// be programmed (before the first full state: since start), e.g. 60s.
+    #[arg(long, env = "STRAIT_HEALTHZ_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub healthz_timeout: Duration,
 }
+
+/// Default address of a node agent's metrics and health endpoints
+/// (kube-proxy's metrics port).
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 10249);
 
 /// `--dns-listen`: an address, or off.
 #[derive(Debug, Clone, Copy)]
@@ -132,6 +145,12 @@ impl NodeArgs {
             cluster_domain: self.cluster_domain.clone(),
             dns_upstream,
             dns_ttl: self.dns_ttl,
+            metrics_listen: crate::control::metrics_address(
+                self.metrics_listen,
+                DEFAULT_METRICS_LISTEN,
+            )
+            .0,
+            healthz_timeout: self.healthz_timeout,
             ..Config::default()
         })
     }
@@ -142,16 +161,35 @@ pub async fn run(args: NodeArgs, tls: &crate::client::TlsArgs) -> anyhow::Result
     if cfg.config_file.is_none() {
         cfg.tls = tls.files()?;
     }
+    let (_, metrics_required) =
+        crate::control::metrics_address(args.metrics_listen, DEFAULT_METRICS_LISTEN);
     tracing::info!(config = ?cfg, "starting node agent");
-    let bound = strait_node::app::build(cfg)
-        .await
-        .context("starting the node agent")?;
+    let bound = match strait_node::app::build(cfg.clone()).await {
+        Err(strait_node::AppError::Metrics(e)) if !metrics_required => {
+            tracing::warn!(error = %e, "serving no metrics or health endpoints: the default port is taken (set --metrics-listen)");
+            strait_node::app::build(Config {
+                metrics_listen: None,
+                ..cfg
+            })
+            .await
+        }
+        other => other,
+    }
+    .context("starting the node agent")?;
     if let Some(addr) = bound.dns_addr() {
         // Tests and scripts starting on port 0 read the port from here.
         println!("dns listening on {addr}");
     }
+    if let Some(addr) = bound.metrics_addr() {
+        println!("metrics on {addr}");
+    }
+    let watchdog = tokio_util::sync::CancellationToken::new();
+    crate::systemd::spawn_watchdog(watchdog.clone());
+    crate::systemd::ready("node agent running");
     crate::control::shutdown_signal().await;
     tracing::info!("shutting down");
+    crate::systemd::stopping();
+    watchdog.cancel();
     bound.shutdown().await;
     Ok(())
 }

@@ -228,6 +228,7 @@ def main():
     servers = [("strait", strait_cmd, PORT_STRAIT), ("nsd", [nsd_bin, "-d", "-c", conf], PORT_NSD)]
     os.environ.setdefault("STRAIT_LOG", "warn")
     results = []
+    load_before = os.getloadavg()[0]
     # Servers alternate within each round, so drift on the box hits both.
     for rnd in range(a.runs):
         for name, cmd, port in (servers if rnd % 2 == 0 else servers[::-1]):
@@ -266,7 +267,8 @@ def main():
     md = [
         "# Cluster DNS: Strait vs NSD, one server core",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · kernel {uname.release} · {cpu} × {os.cpu_count()} · {ver}",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · kernel {uname.release} · {cpu} × {os.cpu_count()} · {ver}"
+        f" · load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
         "",
         f"Zone `{DOMAIN}`: {N_SVC:,} ClusterIP Services (A), {N_SRV:,} with a named port (SRV), one ExternalName; "
         f"TTL {TTL}. Strait reads them as a static manifest; NSD loads the equivalent zone file (`minimal-responses: yes`, RRL off). "

@@ -59,7 +59,12 @@ impl Conn {
 
     /// Writes `value` under the unique `key` (a DNS-1035 label) and waits
     /// for the acknowledgement.
-    pub async fn put(&self, key: &str, value: &str, timeout: Duration) -> Result<(), tonic::Status> {
+    pub async fn put(
+        &self,
+        key: &str,
+        value: &str,
+        timeout: Duration,
+    ) -> Result<(), tonic::Status> {
         match self.system {
             System::Strait => {
                 let mut req = tonic::Request::new(ApplyRequest {
@@ -78,10 +83,7 @@ impl Conn {
                     ..Default::default()
                 });
                 req.set_timeout(timeout);
-                KvClient::new(self.channel.clone())
-                    .put(req)
-                    .await
-                    .map(drop)
+                KvClient::new(self.channel.clone()).put(req).await.map(drop)
             }
         }
     }
@@ -117,11 +119,7 @@ impl Conn {
     pub async fn member_id(&self, timeout: Duration) -> Result<Option<u64>, tonic::Status> {
         match self.system {
             System::Strait => Ok(None),
-            System::Etcd => Ok(self
-                .etcd_status(timeout)
-                .await?
-                .header
-                .map(|h| h.member_id)),
+            System::Etcd => Ok(self.etcd_status(timeout).await?.header.map(|h| h.member_id)),
         }
     }
 

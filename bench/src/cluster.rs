@@ -1,5 +1,5 @@
 //! The two clusters under test, each member its own OS process on loopback:
-//! three `strait control` replicas, or three `etcd` members. A member can be
+//! `strait control` replicas or `etcd` members (three for the reference run). A member can be
 //! killed with SIGKILL and restarted on the same data directory and ports;
 //! every child is killed when the cluster is dropped.
 
@@ -65,7 +65,7 @@ impl Member {
     }
 }
 
-/// A running three-member cluster.
+/// A running cluster.
 #[derive(Debug)]
 pub struct Cluster {
     pub system: System,
@@ -88,7 +88,7 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 impl Cluster {
-    /// Three `strait control` replicas on `base+1..=base+3`.
+    /// `replicas` `strait control` replicas on `base+1..`.
     pub fn strait(bin: &Path, dir: &Path, base: u16, replicas: u16) -> anyhow::Result<Self> {
         let ports: Vec<u16> = (1..=replicas).map(|i| base + i).collect();
         check_free(&ports)?;
@@ -126,7 +126,7 @@ impl Cluster {
         Self::launch(System::Strait, dir, members)
     }
 
-    /// Three etcd members: clients on `base+11..`, peers on `base+21..`,
+    /// `replicas` etcd members: clients on `base+11..`, peers on `base+21..`,
     /// otherwise etcd's defaults (fsync on, heartbeat 100 ms, election 1 s).
     pub fn etcd(bin: &Path, dir: &Path, base: u16, replicas: u16) -> anyhow::Result<Self> {
         let client: Vec<u16> = (1..=replicas).map(|i| base + 10 + i).collect();

@@ -34,8 +34,6 @@ pub struct Kill {
     pub via: Option<u64>,
     /// Terms the election(s) took (new term − term before the kill).
     pub term_delta: Option<u64>,
-    /// Writes started before the first acknowledgement.
-    pub attempts: u64,
 }
 
 /// Every kill of one run.
@@ -113,7 +111,10 @@ pub async fn wait_healthy(cluster: &mut Cluster, ids: &[u64]) -> anyhow::Result<
                 n += 1;
                 let conn = Conn::connect(cluster.system, m.client_addr).await;
                 let put = match conn {
-                    Ok(c) => c.put(&format!("bench-health-{n}"), "ok", RPC_TIMEOUT).await.is_ok(),
+                    Ok(c) => c
+                        .put(&format!("bench-health-{n}"), "ok", RPC_TIMEOUT)
+                        .await
+                        .is_ok(),
                     Err(_) => false,
                 };
                 ok &= put;
@@ -151,7 +152,8 @@ pub async fn run(
         let killed = cluster.members.get(leader).context("leader index")?.id;
 
         // Connect to everyone before the kill, so no dial is timed.
-        let leader_conn = Conn::connect(cluster.system, cluster.members[leader].client_addr).await?;
+        let leader_conn =
+            Conn::connect(cluster.system, cluster.members[leader].client_addr).await?;
         let mut survivors = Vec::new();
         for (i, m) in cluster.members.iter().enumerate() {
             if i != leader {
@@ -166,7 +168,7 @@ pub async fn run(
             .context("write before the kill")?;
 
         let killed_at = cluster.kill(leader)?;
-        let (recovery, via, attempts) = first_ack(&survivors, k, killed_at, &value).await;
+        let (recovery, via) = first_ack(&survivors, k, killed_at, &value).await;
         let mut term_delta = None;
         for (_, conn) in &survivors {
             if let Ok(s) = conn.status(RPC_TIMEOUT).await {
@@ -186,7 +188,6 @@ pub async fn run(
             recovery,
             via,
             term_delta,
-            attempts,
         });
         cluster.restart(leader)?;
     }
@@ -200,7 +201,7 @@ async fn first_ack(
     kill: usize,
     killed_at: Instant,
     value: &Arc<str>,
-) -> (Option<Duration>, Option<u64>, u64) {
+) -> (Option<Duration>, Option<u64>) {
     let deadline = killed_at + RECOVERY_LIMIT;
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
@@ -209,7 +210,7 @@ async fn first_ack(
         tokio::select! {
             _ = tick.tick() => {
                 if Instant::now() >= deadline {
-                    return (None, None, attempts);
+                    return (None, None);
                 }
                 for (id, conn) in survivors {
                     attempts += 1;
@@ -222,7 +223,7 @@ async fn first_ack(
             }
             Some(done) = tasks.join_next() => {
                 if let Ok(Ok((at, id))) = done {
-                    return (Some(at.duration_since(killed_at)), Some(id), attempts);
+                    return (Some(at.duration_since(killed_at)), Some(id));
                 }
             }
         }

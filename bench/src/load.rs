@@ -64,7 +64,7 @@ pub struct LoadResult {
     pub errors: u64,
     pub window: Duration,
     pub hist: Histogram<u64>,
-    /// CPU the three members used in the window, per acknowledged write.
+    /// CPU all members used in the window, per acknowledged write.
     pub server_cpu_per_op: Duration,
     /// Cores the members kept busy on average in the window.
     pub server_cores: f64,
@@ -175,7 +175,9 @@ pub async fn run(
         ops,
         errors,
         window,
-        server_cpu_per_op: server.checked_div(ops.try_into().unwrap_or(u32::MAX)).unwrap_or_default(),
+        server_cpu_per_op: server
+            .checked_div(ops.try_into().unwrap_or(u32::MAX))
+            .unwrap_or_default(),
         server_cores: server.as_secs_f64() / window.as_secs_f64(),
         client_cores: client1.saturating_sub(client0).as_secs_f64() / window.as_secs_f64(),
         hist,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::cluster::{Cluster, System};
+use crate::cluster::Cluster;
 use crate::load::{Timing, WORKLOADS};
 use crate::report::SystemResult;
 
@@ -42,7 +42,11 @@ struct Args {
     /// Unrecorded load before each measured window.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// Leader kills per system.
+    /// Members per cluster (3 for the reference table; 1 shows the cost
+    /// of replication, 5 the cost of a larger quorum).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    replicas: u16,
+    /// Leader kills per system (skipped with one member).
     #[arg(long, default_value_t = 10)]
     kills: usize,
     /// Pause after the cluster is healthy again, before the next kill.
@@ -51,7 +55,7 @@ struct Args {
     /// Size of the value in every write, in bytes.
     #[arg(long, default_value_t = 300)]
     value_size: usize,
-    /// Ports: Strait on BASE+1..3, etcd clients on BASE+11..13, etcd peers on BASE+21..23.
+    /// Ports: Strait on BASE+1.., etcd clients on BASE+11.., etcd peers on BASE+21...
     #[arg(long, default_value_t = 27100)]
     base_port: u16,
     /// Where to write the markdown report.
@@ -60,6 +64,10 @@ struct Args {
     /// Data directories go under this directory (default: a new temp dir, removed at the end).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// What the `strait` binary was built from, for the report (default:
+    /// `git describe` of the current directory, right when run.sh built it).
+    #[arg(long)]
+    label: Option<String>,
     /// Only these systems (repeatable: strait, etcd); default both.
     #[arg(long = "only", value_parser = ["strait", "etcd"])]
     only: Vec<String>,
@@ -75,11 +83,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let tmp = tempfile::Builder::new().prefix("ctlbench-").tempdir_in(
-        args.work_dir
-            .clone()
-            .unwrap_or_else(std::env::temp_dir),
-    )?;
+    let tmp = tempfile::Builder::new()
+        .prefix("ctlbench-")
+        .tempdir_in(args.work_dir.clone().unwrap_or_else(std::env::temp_dir))?;
     let value: Arc<str> = load::value(args.value_size).into();
     let timing = Timing {
         warmup: args.warmup,
@@ -94,17 +100,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if wanted("strait") {
         let dir = tmp.path().join("strait");
         std::fs::create_dir_all(&dir)?;
-        let cluster = Cluster::strait(&args.strait, &dir, args.base_port, 3)?;
+        let cluster = Cluster::strait(&args.strait, &dir, args.base_port, args.replicas)?;
         strait = bench_system(cluster, &args, timing, value.clone()).await?;
     }
     if wanted("etcd") {
         let dir = tmp.path().join("etcd");
         std::fs::create_dir_all(&dir)?;
-        let cluster = Cluster::etcd(&args.etcd, &dir, args.base_port, 3)?;
+        let cluster = Cluster::etcd(&args.etcd, &dir, args.base_port, args.replicas)?;
         etcd = bench_system(cluster, &args, timing, value.clone()).await?;
     }
 
-    let report = report::markdown(&header(&args, tmp.path(), &load_before), &strait, &etcd);
+    let report = report::markdown(
+        &header(&args, tmp.path(), &load_before),
+        args.replicas,
+        &strait,
+        &etcd,
+    );
     println!("{report}");
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
@@ -123,12 +134,21 @@ async fn bench_system(
     value: Arc<str>,
 ) -> anyhow::Result<SystemResult> {
     let name = cluster.system.name();
-    eprintln!("{name}: starting 3 members in {}", cluster.dir.display());
+    eprintln!(
+        "{name}: starting {} members in {}",
+        cluster.members.len(),
+        cluster.dir.display()
+    );
     let ids = wait_started(&mut cluster).await?;
     let mut out = SystemResult::default();
     for wl in WORKLOADS {
         let leader = failover::wait_healthy(&mut cluster, &ids).await?;
-        eprintln!("{name}: {} for {:?} (leader: member {})", wl.name, timing.duration, leader + 1);
+        eprintln!(
+            "{name}: {} for {:?} (leader: member {})",
+            wl.name,
+            timing.duration,
+            leader + 1
+        );
         let r = load::run(&cluster, leader, wl, timing, value.clone()).await?;
         eprintln!(
             "  {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
@@ -140,8 +160,10 @@ async fn bench_system(
         cluster.check_alive()?;
         out.loads.push(r);
     }
-    eprintln!("{name}: {} leader kills", args.kills);
-    out.failover = failover::run(&mut cluster, args.kills, args.settle, value).await?;
+    if cluster.members.len() > 1 {
+        eprintln!("{name}: {} leader kills", args.kills);
+        out.failover = failover::run(&mut cluster, args.kills, args.settle, value).await?;
+    }
     Ok(out)
 }
 
@@ -157,7 +179,11 @@ async fn wait_started(cluster: &mut Cluster) -> anyhow::Result<Vec<u64>> {
                     format!(
                         "{} did not start; see {}",
                         cluster.system.name(),
-                        cluster.log(0).map(Path::display).map(|d| d.to_string()).unwrap_or_default()
+                        cluster
+                            .log(0)
+                            .map(Path::display)
+                            .map(|d| d.to_string())
+                            .unwrap_or_default()
                     )
                 });
             }
@@ -203,7 +229,16 @@ fn header(args: &Args, dir: &Path, load_before: &str) -> String {
         .unwrap_or_else(|| "?".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = first_line("sh", &["-c", "free -g | awk '/Mem:/ {print $2 \" GiB\"}'"]);
-    let fs = first_line("sh", &["-c", &format!("df -T {} | awk 'NR==2 {{print $2\" on \"$1}}'", dir.display())]);
+    let fs = first_line(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "df -T {} | awk 'NR==2 {{print $2\" on \"$1}}'",
+                dir.display()
+            ),
+        ],
+    );
     format!(
         "## ctlbench results\n\n\
          - date (UTC): {} · kernel {} · {cpu} × {cores} vCPU · {mem} · data dirs on {fs}\n\
@@ -214,7 +249,9 @@ fn header(args: &Args, dir: &Path, load_before: &str) -> String {
         first_line("date", &["-u", "+%Y-%m-%d %H:%M:%S"]),
         first_line("uname", &["-r"]),
         args.strait.display(),
-        first_line("git", &["describe", "--always", "--dirty"]),
+        args.label
+            .clone()
+            .unwrap_or_else(|| first_line("git", &["describe", "--always", "--dirty"])),
         first_line(&args.etcd.display().to_string(), &["--version"]),
         args.value_size,
         humantime::format_duration(args.warmup),

@@ -40,10 +40,13 @@ fn secs_ratio(a: Option<Duration>, b: Option<Duration>) -> String {
 }
 
 /// Renders the report; `header` describes the machine and the run.
-pub fn markdown(header: &str, strait: &SystemResult, etcd: &SystemResult) -> String {
+pub fn markdown(header: &str, replicas: u16, strait: &SystemResult, etcd: &SystemResult) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{header}\n");
-    let _ = writeln!(s, "### Writes (3 replicas, fsync, closed loop, to the leader)\n");
+    let _ = writeln!(
+        s,
+        "### Writes ({replicas} replicas, fsync, closed loop, to the leader)\n"
+    );
     let _ = writeln!(
         s,
         "| workload | Strait writes/s | p50 ms | p99 ms | etcd writes/s | p50 ms | p99 ms | throughput Strait/etcd | p50 Strait/etcd | p99 Strait/etcd |"
@@ -67,7 +70,7 @@ pub fn markdown(header: &str, strait: &SystemResult, etcd: &SystemResult) -> Str
     }
     let _ = writeln!(
         s,
-        "\n| workload | system | writes | errors | max ms | server CPU µs/write (3 members) | server cores | client cores |"
+        "\n| workload | system | writes | errors | max ms | server CPU µs/write (all members) | server cores | client cores |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for (name, r) in [("Strait", strait), ("etcd", etcd)] {

@@ -346,6 +346,14 @@ impl LbPool {
     pub fn used(&self) -> usize {
         self.used.len()
     }
+
+    /// How many addresses the pool holds.
+    pub fn size(&self) -> u128 {
+        self.ranges
+            .iter()
+            .map(|(a, b, _)| b.saturating_sub(*a).saturating_add(1))
+            .sum()
+    }
 }
 
 #[cfg(test)]

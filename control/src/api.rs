@@ -16,13 +16,16 @@ use strait_proto::Kind;
 use strait_proto::v1::{
     AddMemberRequest, ApplyRequest, ApplyResponse, ClusterStatusRequest, ClusterStatusResponse,
     Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest, ListResponse,
-    MemberStatus, MembershipResponse, Object, RemoveMemberRequest, WatchRequest, WatchResponse,
-    cluster_server, resources_server,
+    MemberStatus, MembershipResponse, NodeHeartbeat, NodeStatusRequest, NodeStatusResponse, Object,
+    RemoveMemberRequest, WatchRequest, WatchResponse, cluster_server, resources_server,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
+use tracing::{Instrument, field};
 
 use crate::authz::{self, Caller};
+use crate::liveness::Heartbeats;
+use crate::metrics::Metrics;
 use crate::raft::{Raft, Response as RaftResponse};
 use crate::raft_net;
 use crate::state::{ApiError, Command, Outcome, now_unix_nanos, plural};
@@ -79,10 +82,31 @@ impl Writer {
     }
 
     /// Proposes `cmd`, forwarding to the leader when this replica is not it.
+    /// Traced as `raft.commit`: from proposal to committed and applied on
+    /// the leader.
     pub async fn write(&self, cmd: Command) -> Result<Outcome, Status> {
+        let span = tracing::info_span!(
+            "raft.commit",
+            strait.forwarded = field::Empty,
+            strait.leader = field::Empty,
+            strait.revision = field::Empty,
+        );
+        let out = self.write_inner(cmd).instrument(span.clone()).await;
+        if let Ok(o) = &out {
+            span.record("strait.revision", o.revision);
+        }
+        out
+    }
+
+    async fn write_inner(&self, cmd: Command) -> Result<Outcome, Status> {
+        let span = tracing::Span::current();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let metrics = self.raft.metrics().borrow_watched().clone();
+            if let Some(leader) = metrics.current_leader {
+                span.record("strait.leader", leader);
+                span.record("strait.forwarded", leader != metrics.id);
+            }
             let resp = match metrics.current_leader {
                 Some(leader) if leader == metrics.id => self.write_local(cmd.clone()).await,
                 Some(leader) => {
@@ -104,9 +128,12 @@ impl Writer {
             };
             match resp {
                 Ok(r) => return r.0.map_err(status),
-                // No leader or a leader change: wait for the next one. Only
-                // errors before the entry was appended reach here, so the
-                // retry cannot apply the write twice.
+                // No leader or a leader change: wait for the next one. A
+                // forwarded write whose answer was lost may have committed;
+                // retrying it is safe because an apply of the same object is
+                // idempotent ("unchanged"), and a write guarded by
+                // resourceVersion fails with a conflict instead of applying
+                // twice.
                 Err(s)
                     if s.code() == tonic::Code::Unavailable
                         && tokio::time::Instant::now() < deadline =>
@@ -126,15 +153,48 @@ pub struct ResourcesApi {
     writer: Writer,
     raft: Arc<Raft>,
     shared: Shared,
+    metrics: Arc<Metrics>,
 }
 
 impl ResourcesApi {
-    pub fn new(writer: Writer, raft: Arc<Raft>, shared: Shared) -> Self {
+    pub fn new(writer: Writer, raft: Arc<Raft>, shared: Shared, metrics: Arc<Metrics>) -> Self {
         Self {
             writer,
             raft,
             shared,
+            metrics,
         }
+    }
+
+    /// Counts a finished write and records its outcome on the request span.
+    fn finish_write<T>(
+        &self,
+        op: &'static str,
+        started: std::time::Instant,
+        out: &Result<(String, u64), Status>,
+        value: T,
+    ) -> T {
+        let span = tracing::Span::current();
+        let result = match out {
+            Ok((result, revision)) => {
+                span.record("strait.result", result.as_str());
+                span.record("strait.revision", *revision);
+                match result.as_str() {
+                    "created" => "created",
+                    "configured" => "configured",
+                    "unchanged" => "unchanged",
+                    "deleted" => "deleted",
+                    _ => "ok",
+                }
+            }
+            Err(status) => {
+                span.record("strait.result", "error");
+                span.record("strait.error", status.message());
+                "error"
+            }
+        };
+        self.metrics.write_done(op, result, started.elapsed());
+        value
     }
 
     /// Waits until this replica has applied everything committed before the
@@ -210,7 +270,10 @@ impl ResourcesApi {
         };
         authz::apply(caller, object, stored.as_ref()).map_err(|d| d.status(METHOD))?;
         if let (Some(old), Some(meta)) = (&stored, object.metadata_mut()) {
-            let old_rv = old.metadata().map(|m| m.resource_version.clone()).unwrap_or_default();
+            let old_rv = old
+                .metadata()
+                .map(|m| m.resource_version.clone())
+                .unwrap_or_default();
             pin_version(&mut meta.resource_version, old_rv, &meta.name)?;
         }
         Ok(())
@@ -233,7 +296,10 @@ impl ResourcesApi {
         authz::delete(caller, kind, &req.namespace, &req.name, stored.as_ref())
             .map_err(|d| d.status(METHOD))?;
         if let Some(old) = &stored {
-            let old_rv = old.metadata().map(|m| m.resource_version.clone()).unwrap_or_default();
+            let old_rv = old
+                .metadata()
+                .map(|m| m.resource_version.clone())
+                .unwrap_or_default();
             pin_version(&mut req.resource_version, old_rv, &req.name)?;
         }
         Ok(())
@@ -261,16 +327,21 @@ fn decode(bytes: &[u8]) -> Result<Object, Status> {
     Object::decode(bytes).map_err(|e| Status::internal(format!("stored object undecodable: {e}")))
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl resources_server::Resources for ResourcesApi {
-    async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+/// The write handlers behind the traced, counted trait methods.
+impl ResourcesApi {
+    async fn apply_inner(
+        &self,
+        req: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
         let caller = Caller::of(&req)?;
         let mut object = req
             .into_inner()
             .object
             .ok_or_else(|| Status::invalid_argument("object is required"))?;
+        let span = tracing::Span::current();
+        span.record("strait.kind", object.kind().map(|k| k.to_string()).unwrap_or_default());
+        span.record("strait.namespace", object.namespace());
+        span.record("strait.name", object.name());
         self.authorize_apply(&caller, &mut object).await?;
         let cmd = Command::Apply {
             object: object.encode_to_vec(),
@@ -282,6 +353,58 @@ impl resources_server::Resources for ResourcesApi {
             result: out.result,
             revision: out.revision,
         }))
+    }
+
+    async fn delete_inner(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        self.authorize_delete(&caller, kind, &mut req).await?;
+        let cmd = Command::Delete {
+            kind: req.kind,
+            namespace: req.namespace,
+            name: req.name,
+            resource_version: req.resource_version,
+            now_unix_nanos: now_unix_nanos(),
+            grace_seconds: req.grace_period_seconds,
+        };
+        let out = self.writer.write(cmd).await?;
+        Ok(Response::new(DeleteResponse {
+            object: Some(decode(&out.object)?),
+            revision: out.revision,
+        }))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl resources_server::Resources for ResourcesApi {
+    #[tracing::instrument(
+        name = "Resources.Apply",
+        skip_all,
+        fields(
+            otel.kind = "server",
+            strait.kind = field::Empty,
+            strait.namespace = field::Empty,
+            strait.name = field::Empty,
+            strait.result = field::Empty,
+            strait.revision = field::Empty,
+            strait.error = field::Empty,
+        )
+    )]
+    async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let started = std::time::Instant::now();
+        let out = self.apply_inner(req).await;
+        let summary = out.as_ref().map(|r| {
+            let r = r.get_ref();
+            (r.result.clone(), r.revision)
+        });
+        let summary = summary.map_err(Clone::clone);
+        self.finish_write("apply", started, &summary, out)
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -327,29 +450,31 @@ impl resources_server::Resources for ResourcesApi {
         }))
     }
 
+    #[tracing::instrument(
+        name = "Resources.Delete",
+        skip_all,
+        fields(
+            otel.kind = "server",
+            strait.kind = %req.get_ref().kind,
+            strait.namespace = %req.get_ref().namespace,
+            strait.name = %req.get_ref().name,
+            strait.result = field::Empty,
+            strait.revision = field::Empty,
+            strait.error = field::Empty,
+        )
+    )]
     async fn delete(
         &self,
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let caller = Caller::of(&req)?;
-        let mut req = req.into_inner();
-        let kind = parse_kind(&req.kind)?;
-        self.authorize_delete(&caller, kind, &mut req).await?;
-        let cmd = Command::Delete {
-            kind: req.kind,
-            namespace: req.namespace,
-            name: req.name,
-            resource_version: req.resource_version,
-            now_unix_nanos: now_unix_nanos(),
-            grace_seconds: req.grace_period_seconds,
-        };
-        let out = self.writer.write(cmd).await?;
-        Ok(Response::new(DeleteResponse {
-            object: Some(decode(&out.object)?),
-            revision: out.revision,
-        }))
+        let started = std::time::Instant::now();
+        let out = self.delete_inner(req).await;
+        let summary = out
+            .as_ref()
+            .map(|r| ("deleted".to_string(), r.get_ref().revision))
+            .map_err(Clone::clone);
+        self.finish_write("delete", started, &summary, out)
     }
-
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
@@ -365,7 +490,7 @@ impl resources_server::Resources for ResourcesApi {
                 WatchError::Compacted { .. } => Status::failed_precondition(e.to_string()),
             })?;
         let shared = self.shared.clone();
-        let stream = async_stream(start, kinds, shared);
+        let stream = async_stream(start, kinds, shared, self.metrics.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -376,9 +501,11 @@ fn async_stream(
     start: watch::Start,
     kinds: Vec<Kind>,
     shared: Shared,
+    metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Result<WatchResponse, Status>> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchResponse, Status>>(64);
     tokio::spawn(async move {
+        let _open = metrics.watcher_opened();
         let watch::Start {
             initial,
             backlog,
@@ -403,10 +530,18 @@ fn async_stream(
                             continue;
                         }
                         last = resp.revision;
-                        if let Some(r) = watch::filter(&resp, &kinds)
-                            && tx.send(Ok(r)).await.is_err() {
+                        if let Some(r) = watch::filter(&resp, &kinds) {
+                            let span = tracing::debug_span!(
+                                "watch.send",
+                                strait.revision = r.revision,
+                                strait.events = r.events.len(),
+                            );
+                            let commit = r.commit_time_unix_nanos;
+                            if tx.send(Ok(r)).instrument(span).await.is_err() {
                                 return;
                             }
+                            metrics.delivered(commit);
+                        }
                     }
                     Err(RecvError::Lagged(n)) => {
                         let _ = tx
@@ -441,11 +576,16 @@ fn async_stream(
 pub struct ClusterApi {
     raft: Arc<Raft>,
     shared: Shared,
+    heartbeats: Heartbeats,
 }
 
 impl ClusterApi {
-    pub fn new(raft: Arc<Raft>, shared: Shared) -> Self {
-        Self { raft, shared }
+    pub fn new(raft: Arc<Raft>, shared: Shared, heartbeats: Heartbeats) -> Self {
+        Self {
+            raft,
+            shared,
+            heartbeats,
+        }
     }
 }
 
@@ -503,6 +643,27 @@ impl cluster_server::Cluster for ClusterApi {
         Ok(Response::new(ClusterStatusResponse {
             leader_id: m.current_leader.unwrap_or(0),
             members: members.into_values().collect(),
+            revision: watch::read(&self.shared).state().revision(),
+        }))
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        let nodes = self
+            .heartbeats
+            .all()
+            .into_iter()
+            .map(|(node_name, at, applied_revision)| NodeHeartbeat {
+                node_name,
+                applied_revision,
+                millis_since_heartbeat: u64::try_from(at.elapsed().as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect();
+        Ok(Response::new(NodeStatusResponse {
+            nodes,
             revision: watch::read(&self.shared).state().revision(),
         }))
     }

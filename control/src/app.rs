@@ -11,8 +11,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use openraft::async_runtime::WatchReceiver;
 use strait_proto::v1::{
-    nodes_server::NodesServer,
-    cluster_server::ClusterServer, raft_server::RaftServer, resources_server::ResourcesServer,
+    cluster_server::ClusterServer, nodes_server::NodesServer, raft_server::RaftServer,
+    resources_server::ResourcesServer,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -22,6 +22,7 @@ use crate::alloc::{IpRange, LbPool, PortRange};
 use crate::api::{ClusterApi, ResourcesApi, Writer};
 use crate::liveness::{self, Heartbeats, NodesApi};
 use crate::log_store::LogStore;
+use crate::metrics::Metrics;
 use crate::raft::{Raft, StateMachine, TypeConfig};
 use crate::raft_net::{Network, Peers, RaftService};
 use crate::service::Allocators;
@@ -57,6 +58,8 @@ pub struct Config {
     /// mTLS certificate, key and CA bundle (a control identity); `None`:
     /// plaintext (`--insecure`, `strait dev`), logged as a warning.
     pub tls: Option<strait_proto::tls::TlsFiles>,
+    /// Where `/metrics`, `/livez` and `/readyz` are served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             node_grace: Duration::from_secs(10),
             election_timeout_ms: (150, 300),
             tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -117,6 +121,9 @@ pub enum StartError {
     /// The TLS certificate, key or CA bundle cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] strait_proto::tls::TlsError),
+    /// The metrics address cannot be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// `--peers` does not include this replica.
     #[error("--peers must include this replica's id {0}")]
     PeersWithoutSelf(u64),
@@ -127,7 +134,11 @@ pub struct Bound {
     pub addr: SocketAddr,
     pub raft: Arc<Raft>,
     pub shared: Shared,
+    /// Where `/metrics`, `/livez` and `/readyz` answer, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
     shutdown: Option<oneshot::Sender<()>>,
+    metrics_shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -135,6 +146,9 @@ impl Bound {
     /// Stops serving and shuts Raft down.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.metrics_shutdown.take() {
             let _ = tx.send(());
         }
         let _ = (&mut self.server).await;
@@ -175,6 +189,10 @@ pub fn allocators(cfg: &Config) -> Result<Allocators, StartError> {
 /// once (the lowest id among `peers` does it; a second call is a no-op).
 pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     let alloc = allocators(&cfg)?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let (server_tls, transport) = match &cfg.tls {
         Some(files) => {
             let server = crate::tls::server_tls(files.clone())?;
@@ -183,7 +201,9 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
             (Some(server), strait_proto::tls::Transport::Tls(client))
         }
         None => {
-            tracing::warn!("TLS is off (--insecure): any client that reaches the listen address can read and write the cluster");
+            tracing::warn!(
+                "TLS is off (--insecure): any client that reaches the listen address can read and write the cluster"
+            );
             (None, strait_proto::tls::Transport::Insecure)
         }
     };
@@ -251,16 +271,28 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     );
 
     let writer = Writer::new(raft.clone(), shared.clone(), peers_net);
+    let metrics = Arc::new(Metrics::new());
     let resources = ResourcesServer::new(ResourcesApi::new(
         writer.clone(),
         raft.clone(),
         shared.clone(),
+        metrics.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let cluster = ClusterServer::new(ClusterApi::new(raft.clone(), shared.clone()));
     let heartbeats = Heartbeats::default();
-    liveness::spawn(raft.clone(), shared.clone(), writer.clone(), heartbeats.clone(), cfg.node_grace);
+    let cluster = ClusterServer::new(ClusterApi::new(
+        raft.clone(),
+        shared.clone(),
+        heartbeats.clone(),
+    ));
+    liveness::spawn(
+        raft.clone(),
+        shared.clone(),
+        writer.clone(),
+        heartbeats.clone(),
+        cfg.node_grace,
+    );
     let nodes = NodesServer::new(NodesApi::new(heartbeats, raft.clone()));
     let raft_svc = tonic::service::interceptor::InterceptedService::new(
         RaftServer::new(RaftService::new(raft.clone(), writer))
@@ -268,6 +300,19 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         crate::authz::raft_interceptor,
     );
+    let (metrics_tx, metrics_rx) = oneshot::channel::<()>();
+    let metrics_addr = metrics_listener.map(|(listener, bound)| {
+        crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            raft.clone(),
+            shared.clone(),
+            async {
+                let _ = metrics_rx.await;
+            },
+        );
+        bound
+    });
     let (tx, rx) = oneshot::channel::<()>();
     let incoming = crate::tls::incoming(listener, server_tls);
     let server = tokio::spawn(
@@ -305,12 +350,15 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
             }
         }
     }
-    tracing::info!(id = cfg.id, %addr, advertise = %advertise, data_dir = %cfg.data_dir.display(), "control replica serving");
+    tracing::info!(id = cfg.id, %addr, advertise = %advertise, data_dir = %cfg.data_dir.display(), metrics = ?metrics_addr, "control replica serving");
     Ok(Bound {
         addr,
         raft,
         shared,
+        metrics_addr,
+        metrics,
         shutdown: Some(tx),
+        metrics_shutdown: Some(metrics_tx),
         server,
     })
 }

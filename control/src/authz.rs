@@ -151,11 +151,11 @@ pub fn heartbeat(caller: &Caller, node_name: &str) -> Result<(), Denied> {
 }
 
 fn describe(kind: Option<Kind>, namespace: &str, name: &str) -> String {
-    let kind = kind.map(|k| k.as_str()).unwrap_or("object");
-    if namespace.is_empty() {
-        format!("{kind} {name:?}")
-    } else {
-        format!("{kind} {namespace}/{name}")
+    match kind {
+        Some(k) if k.namespaced() && namespace.is_empty() => format!("{k} default/{name}"),
+        Some(k) if k.namespaced() => format!("{k} {namespace}/{name}"),
+        Some(k) => format!("{k} {name}"),
+        None => format!("object {name:?}"),
     }
 }
 
@@ -167,7 +167,9 @@ fn pod(o: &Object) -> Option<&strait_proto::v1::Pod> {
 }
 
 fn node_name_of(o: &Object) -> Option<&str> {
-    pod(o).and_then(|p| p.spec.as_ref()).map(|s| s.node_name.as_str())
+    pod(o)
+        .and_then(|p| p.spec.as_ref())
+        .map(|s| s.node_name.as_str())
 }
 
 fn is_mirror(o: &Object) -> bool {
@@ -175,19 +177,22 @@ fn is_mirror(o: &Object) -> bool {
         .is_some_and(|m| m.annotations.contains_key(MIRROR_ANNOTATION))
 }
 
-/// Everything of a Pod but its status and server-managed metadata: what a
-/// node may not change on a Pod bound to it.
-fn pod_identity(o: &Object) -> Option<(&strait_proto::v1::PodSpec, Vec<(&String, &String)>, Vec<(&String, &String)>)> {
+/// What a node may not change on a Pod bound to it: everything but its
+/// status and server-managed metadata.
+type PodFixed<'a> = (
+    &'a strait_proto::v1::PodSpec,
+    &'a std::collections::BTreeMap<String, String>,
+    &'a std::collections::BTreeMap<String, String>,
+);
+
+fn pod_fixed(o: &Object) -> Option<PodFixed<'_>> {
     let p = pod(o)?;
     let meta = p.metadata.as_ref()?;
-    let mut labels: Vec<_> = meta.labels.iter().collect();
-    labels.sort();
-    let mut annotations: Vec<_> = meta.annotations.iter().collect();
-    annotations.sort();
-    Some((p.spec.as_ref()?, labels, annotations))
+    Some((p.spec.as_ref()?, &meta.labels, &meta.annotations))
 }
 
-const NODE_WRITES: &str = "a node writes only its own Node object, the status of Pods bound to it and its static Pods";
+const NODE_WRITES: &str =
+    "a node writes only its own Node object, the status of Pods bound to it and its static Pods";
 
 /// `AdminWrites` / `NodeRestriction` for a create or update of `object`;
 /// `stored` is the object as the replica has it now.
@@ -196,12 +201,22 @@ pub fn apply(caller: &Caller, object: &Object, stored: Option<&Object>) -> Resul
         return Ok(());
     };
     let kind = object.kind();
-    let what = || format!("write {}", describe(kind, object.namespace(), object.name()));
+    let what = || {
+        format!(
+            "write {}",
+            describe(kind, object.namespace(), object.name())
+        )
+    };
     match kind {
         Some(Kind::Node) if object.name() == me => Ok(()),
         Some(Kind::Pod) => {
             if node_name_of(object) != Some(me) {
-                return Err(deny(caller, NODE_RESTRICTION, what(), "the Pod is not bound to this node (spec.nodeName)"));
+                return Err(deny(
+                    caller,
+                    NODE_RESTRICTION,
+                    what(),
+                    "the Pod is not bound to this node (spec.nodeName)",
+                ));
             }
             match stored {
                 None if is_mirror(object) => Ok(()),
@@ -218,7 +233,7 @@ pub fn apply(caller: &Caller, object: &Object, stored: Option<&Object>) -> Resul
                     "the stored Pod is bound to another node",
                 )),
                 Some(old) if is_mirror(old) && is_mirror(object) => Ok(()),
-                Some(old) if pod_identity(old) == pod_identity(object) => Ok(()),
+                Some(old) if pod_fixed(old) == pod_fixed(object) => Ok(()),
                 Some(_) => Err(deny(
                     caller,
                     NODE_RESTRICTION,
@@ -280,7 +295,8 @@ mod tests {
         };
         meta.labels.insert("app".into(), "web".into());
         if mirror {
-            meta.annotations.insert(MIRROR_ANNOTATION.into(), "x".into());
+            meta.annotations
+                .insert(MIRROR_ANNOTATION.into(), "x".into());
         }
         Object::from(Pod {
             api_version: "v1".into(),

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use prost::Message;
 use strait_proto::Kind;
-use strait_proto::v1::{Condition, HeartbeatRequest, HeartbeatResponse, Object, nodes_server, object};
+use strait_proto::v1::{
+    Condition, HeartbeatRequest, HeartbeatResponse, Object, nodes_server, object,
+};
 use tonic::{Request, Response, Status};
 
 use crate::api::Writer;
@@ -20,20 +22,39 @@ use crate::raft::Raft;
 use crate::state::{Command, now_unix_nanos};
 use crate::watch::{self, Shared};
 
-/// Last heartbeat per node name, as this replica received them.
+/// Last heartbeat per node name, as this replica received them, with the
+/// revision the node reported as programmed.
 #[derive(Clone, Default)]
-pub struct Heartbeats(Arc<Mutex<HashMap<String, Instant>>>);
+pub struct Heartbeats(Arc<Mutex<HashMap<String, (Instant, u64)>>>);
 
 impl Heartbeats {
-    fn record(&self, node: &str) {
+    fn record(&self, node: &str, applied_revision: u64) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), Instant::now());
+            .insert(node.to_string(), (Instant::now(), applied_revision));
     }
 
     fn last(&self, node: &str) -> Option<Instant> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(node).copied()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .map(|(t, _)| *t)
+    }
+
+    /// Every node heard from: name, time of the last heartbeat, applied
+    /// revision; sorted by name.
+    pub fn all(&self) -> Vec<(String, Instant, u64)> {
+        let mut v: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, (t, r))| (n.clone(), *t, *r))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 }
 
@@ -51,7 +72,10 @@ impl NodesApi {
 
 #[tonic::async_trait]
 impl nodes_server::Nodes for NodesApi {
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = crate::authz::Caller::of(&req)?;
         let req = req.into_inner();
         crate::authz::heartbeat(&caller, &req.node_name)
@@ -59,7 +83,7 @@ impl nodes_server::Nodes for NodesApi {
         if req.node_name.is_empty() {
             return Err(Status::invalid_argument("node_name is required"));
         }
-        self.heartbeats.record(&req.node_name);
+        self.heartbeats.record(&req.node_name, req.applied_revision);
         let m = self.raft.metrics().borrow_watched().clone();
         Ok(Response::new(HeartbeatResponse {
             leader: m.current_leader == Some(m.id),
@@ -81,16 +105,26 @@ fn ready_condition(node: &Object) -> Option<String> {
 /// The node with its Ready condition set, carrying its resourceVersion so a
 /// concurrent update wins and this one is retried next round.
 fn with_ready(node: &Object, ready: bool, now: i64) -> Option<Object> {
-    let Some(object::Kind::Node(n)) = &node.kind else { return None };
+    let Some(object::Kind::Node(n)) = &node.kind else {
+        return None;
+    };
     let mut n = n.clone();
     let status = n.status.get_or_insert_default();
-    let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_nanos(now.max(0) as u64)).to_string();
+    let when = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_nanos(now.max(0) as u64),
+    )
+    .to_string();
     let cond = Condition {
         r#type: "Ready".into(),
         status: if ready { "True" } else { "False" }.into(),
         last_heartbeat_time: when.clone(),
         last_transition_time: when,
-        reason: if ready { "AgentReady" } else { "NodeStatusUnknown" }.into(),
+        reason: if ready {
+            "AgentReady"
+        } else {
+            "NodeStatusUnknown"
+        }
+        .into(),
         message: if ready {
             "strait node agent is sending heartbeats".into()
         } else {
@@ -103,7 +137,13 @@ fn with_ready(node: &Object, ready: bool, now: i64) -> Option<Object> {
 }
 
 /// Runs the leader's periodic duties until the process ends.
-pub fn spawn(raft: Arc<Raft>, shared: Shared, writer: Writer, heartbeats: Heartbeats, grace: Duration) {
+pub fn spawn(
+    raft: Arc<Raft>,
+    shared: Shared,
+    writer: Writer,
+    heartbeats: Heartbeats,
+    grace: Duration,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut leader_since: Option<Instant> = None;
@@ -119,7 +159,8 @@ pub fn spawn(raft: Arc<Raft>, shared: Shared, writer: Writer, heartbeats: Heartb
             let now = now_unix_nanos();
             let (expired, nodes) = {
                 let store = watch::read(&shared);
-                let nodes: Vec<Object> = store.state().list(Some(Kind::Node), "").cloned().collect();
+                let nodes: Vec<Object> =
+                    store.state().list(Some(Kind::Node), "").cloned().collect();
                 (store.state().expired_pods(now), nodes)
             };
             for (namespace, name) in expired {
@@ -142,7 +183,9 @@ pub fn spawn(raft: Arc<Raft>, shared: Shared, writer: Writer, heartbeats: Heartb
                 let ready = ready_condition(&node).is_none_or(|s| s == "True");
                 let next = match (ready, silent) {
                     (true, true) => with_ready(&node, false, now),
-                    (false, false) if heartbeats.last(&name).is_some_and(|t| t >= since) => with_ready(&node, true, now),
+                    (false, false) if heartbeats.last(&name).is_some_and(|t| t >= since) => {
+                        with_ready(&node, true, now)
+                    }
                     _ => None,
                 };
                 let Some(next) = next else { continue };
@@ -154,8 +197,12 @@ pub fn spawn(raft: Arc<Raft>, shared: Shared, writer: Writer, heartbeats: Heartb
                     Ok(r) if r.0.is_ok() => {
                         tracing::info!(node = %name, ready = !ready, "node readiness changed")
                     }
-                    Ok(r) => tracing::debug!(node = %name, result = ?r.0, "node readiness update refused; will retry"),
-                    Err(e) => tracing::warn!(node = %name, error = %e, "node readiness update failed; will retry"),
+                    Ok(r) => {
+                        tracing::debug!(node = %name, result = ?r.0, "node readiness update refused; will retry")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, "node readiness update failed; will retry")
+                    }
                 }
             }
         }

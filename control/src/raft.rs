@@ -188,8 +188,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Command::Apply { now_unix_nanos, .. }
                         | Command::Delete { now_unix_nanos, .. } => *now_unix_nanos,
                     };
+                    let span = tracing::info_span!(
+                        "state_machine.apply",
+                        strait.revision = index,
+                        strait.changes = tracing::field::Empty,
+                    );
+                    let _entered = span.enter();
                     let mut store = watch::write(&self.shared);
                     let applied = store.state_mut().apply(&cmd, index);
+                    span.record("strait.changes", applied.changes.len());
                     store.publish(&applied, index, now);
                     Response(applied.outcome)
                 }

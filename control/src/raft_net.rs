@@ -17,10 +17,10 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use strait_proto::tls::Transport;
 use strait_proto::v1::RaftPayload;
 use strait_proto::v1::raft_client::RaftClient;
 use strait_proto::v1::raft_server;
-use strait_proto::tls::Transport;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 

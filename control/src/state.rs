@@ -551,7 +551,11 @@ impl State {
             // stop taking new connections) and let the leader remove it
             // when the grace period ends.
             let grace = grace_seconds
-                .or_else(|| pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+                .or_else(|| {
+                    pod.spec
+                        .as_ref()
+                        .and_then(|s| s.termination_grace_period_seconds)
+                })
                 .unwrap_or(30)
                 .max(0);
             let meta = pod.metadata.clone().unwrap_or_default();
@@ -569,7 +573,8 @@ impl State {
             if grace > 0 {
                 let mut marked = pod.clone();
                 let m = marked.metadata.get_or_insert_default();
-                m.deletion_timestamp = rfc3339(now.saturating_add(grace.saturating_mul(1_000_000_000)));
+                m.deletion_timestamp =
+                    rfc3339(now.saturating_add(grace.saturating_mul(1_000_000_000)));
                 m.deletion_grace_period_seconds = Some(grace);
                 return Ok(Plan {
                     object: marked.into(),

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::dns::{self, DnsConfig, DnsError, DnsServer};
 use crate::drain::Drain;
 use crate::listeners::{self, Listeners};
+use crate::metrics::Metrics;
 use crate::routes::{RouteCapture, RouteError};
 use crate::state::NodeState;
 use crate::watch::{self as watcher, Registration, WatchError, Watcher};
@@ -39,6 +40,9 @@ pub enum AppError {
     /// The DNS address cannot be bound.
     #[error(transparent)]
     Dns(#[from] DnsError),
+    /// The metrics address cannot be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// A running node agent.
@@ -49,6 +53,8 @@ pub struct Bound {
     routes: Option<RouteCapture>,
     grace: std::time::Duration,
     dns: Option<DnsServer>,
+    metrics: Arc<Metrics>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Bound {
@@ -79,9 +85,23 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         cluster_domain = %cfg.cluster_domain,
         dns_upstream = ?cfg.dns_upstream,
         dns_ttl = cfg.dns_ttl,
+        metrics_listen = ?cfg.metrics_listen,
+        healthz_timeout = ?cfg.healthz_timeout,
         "starting node agent"
     );
     let drain = Drain::new();
+    let metrics = Arc::new(Metrics::new(cfg.healthz_timeout));
+    let metrics_addr = match cfg.metrics_listen {
+        Some(addr) => {
+            let (bound, task) =
+                crate::metrics::serve(addr, metrics.clone(), drain.stop_token().clone()).await?;
+            drain.tracker().spawn(async move {
+                let _ = task.await;
+            });
+            Some(bound)
+        }
+        None => None,
+    };
 
     let routes = if cfg.capture_routes {
         Some(RouteCapture::install(
@@ -91,7 +111,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         None
     };
 
-    let state = match state_source(&cfg, &drain) {
+    let state = match state_source(&cfg, &drain, &metrics) {
         Ok(rx) => rx,
         Err(e) => {
             if let Some(mut r) = routes {
@@ -110,7 +130,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
                 },
                 upstreams: cfg.dns_upstream.clone(),
             };
-            match dns::spawn(dns_cfg, state.clone(), &drain).await {
+            match dns::spawn(dns_cfg, state.clone(), &drain, metrics.clone()).await {
                 Ok(server) => Some(server),
                 Err(e) => {
                     drain.shutdown(std::time::Duration::ZERO).await;
@@ -123,7 +143,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         }
         None => None,
     };
-    let listeners = listeners::spawn(&cfg, state.clone(), &drain);
+    let listeners = listeners::spawn(&cfg, state.clone(), &drain, metrics.clone());
     Ok(Bound {
         state,
         listeners,
@@ -131,12 +151,18 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         routes,
         grace: cfg.drain_timeout,
         dns,
+        metrics,
+        metrics_addr,
     })
 }
 
 /// The state channel, fed by the static file or by the persisted state and
 /// the watch (whose tasks are started here).
-fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeState>>, AppError> {
+fn state_source(
+    cfg: &Config,
+    drain: &Drain,
+    metrics: &Arc<Metrics>,
+) -> Result<watch::Receiver<Arc<NodeState>>, AppError> {
     if let Some(path) = &cfg.config_file {
         let state = watcher::load_static(path)?;
         info!(file = %path.display(), services = state.services().count(), "static mode");
@@ -172,12 +198,14 @@ fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeS
         },
         tx,
         &transport,
-    )?;
+    )?
+    .with_metrics(metrics.clone());
     drain.tracker().spawn(w.run(drain.stop_token().clone()));
     drain.tracker().spawn(crate::heartbeat::run(
         cfg.name.clone(),
         cfg.control.clone(),
         transport.clone(),
+        metrics.clone(),
         drain.stop_token().clone(),
     ));
     let prober = crate::health::Prober::new(
@@ -185,8 +213,11 @@ fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeS
         cfg.node_ip,
         cfg.control.clone(),
         transport.clone(),
-    );
-    drain.tracker().spawn(prober.run(drain.stop_token().clone()));
+    )
+    .with_metrics(metrics.clone());
+    drain
+        .tracker()
+        .spawn(prober.run(drain.stop_token().clone()));
     if let Some(dir) = &cfg.pods_dir {
         let pods = crate::pods::StaticPods::new(
             dir.clone(),
@@ -209,7 +240,9 @@ fn state_source(cfg: &Config, drain: &Drain) -> Result<watch::Receiver<Arc<NodeS
 fn control_transport(cfg: &Config) -> Result<strait_proto::tls::Transport, AppError> {
     use strait_proto::tls::{Role, Transport};
     let Some(files) = &cfg.tls else {
-        warn!("TLS is off (--insecure): the control-plane connection is plaintext and unauthenticated");
+        warn!(
+            "TLS is off (--insecure): the control-plane connection is plaintext and unauthenticated"
+        );
         return Ok(Transport::Insecure);
     };
     let tls = strait_proto::tls::client_tls(files.clone())?;
@@ -230,6 +263,16 @@ impl Bound {
     /// Where cluster DNS answers (UDP and TCP), when enabled.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
         self.dns.map(|d| d.addr)
+    }
+
+    /// Where `/metrics`, `/healthz` and `/livez` answer, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The agent's metrics (applied revision, counters).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The latest state, and every later one.

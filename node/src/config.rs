@@ -89,6 +89,11 @@ pub struct Config {
     pub tls: Option<strait_proto::tls::TlsFiles>,
     /// Static pods: Pod manifests registered as bound to this node.
     pub pods_dir: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/livez` are served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `/healthz` answers 503 once a received change has waited this long
+    /// to be programmed (kube-proxy: twice its sync period).
+    pub healthz_timeout: Duration,
 }
 
 impl Default for Config {
@@ -112,6 +117,8 @@ impl Default for Config {
             dns_ttl: 5,
             tls: None,
             pods_dir: None,
+            metrics_listen: None,
+            healthz_timeout: crate::metrics::DEFAULT_HEALTH_TIMEOUT,
         }
     }
 }

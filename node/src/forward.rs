@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::{Config, LbPolicy};
+use crate::metrics::{EndpointHandles, Metrics, OpenConnection};
 use crate::splice::{self, ForwardOptions};
 use crate::state::{Endpoint, NodeState, ServiceInfo, ServiceKey};
 
@@ -86,6 +87,15 @@ impl Route {
         candidates.filter(|e| e.serving && e.terminating).collect()
     }
 
+    /// The port's name for metrics, its number when it has none.
+    fn port_label(&self) -> String {
+        match self.service.ports.get(self.port) {
+            Some(p) if !p.name.is_empty() => p.name.clone(),
+            Some(p) => p.port.to_string(),
+            None => String::new(),
+        }
+    }
+
     fn port_number(&self) -> u16 {
         self.service
             .ports
@@ -109,7 +119,8 @@ impl EndpointStats {
         until.is_some_and(|t| t > now)
     }
 
-    fn failed(&self, addr: SocketAddr) {
+    /// Records a failed connect; true when it ejected the endpoint.
+    fn failed(&self, addr: SocketAddr) -> bool {
         let n = self
             .failures
             .fetch_add(1, Ordering::Relaxed)
@@ -120,7 +131,9 @@ impl EndpointStats {
             *self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Instant::now() + period);
             debug!(endpoint = %addr, failures = n, eject_secs = period.as_secs(), "endpoint ejected");
+            return true;
         }
+        false
     }
 
     fn succeeded(&self) {
@@ -152,6 +165,7 @@ pub struct Forwarder {
     stats: DashMap<SocketAddr, Arc<EndpointStats>>,
     round_robin: DashMap<PortKey, usize>,
     affinity: DashMap<(PortKey, IpAddr), (SocketAddr, Instant)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Forwarder {
@@ -167,7 +181,14 @@ impl Forwarder {
             stats: DashMap::new(),
             round_robin: DashMap::new(),
             affinity: DashMap::new(),
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Counts connections into `metrics` instead of a private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Forwards `client` to an endpoint of `route`. Without a usable
@@ -182,7 +203,7 @@ impl Forwarder {
         peer: SocketAddr,
         route: &Route,
     ) -> Result<splice::Transferred, ProxyError> {
-        let (upstream, stats) = match self.connect_any(peer, route).await {
+        let (upstream, stats, counters) = match self.connect_any(peer, route).await {
             Ok(c) => c,
             Err(e) => {
                 reset(&client);
@@ -191,10 +212,17 @@ impl Forwarder {
         };
         stats.active.fetch_add(1, Ordering::Relaxed);
         let _guard = ActiveGuard(stats);
+        let conn = OpenConnection::new(counters);
         if let Err(e) = splice::tune_stream(&upstream, Some(KEEPALIVE)) {
             debug!(error = %e, "cannot tune socket");
         }
-        Ok(splice::forward(client, upstream, &self.opts).await?)
+        let result = splice::forward(client, upstream, &self.opts).await;
+        let t = match &result {
+            Ok(t) => *t,
+            Err(e) => e.transferred(),
+        };
+        conn.transferred(t.client_to_upstream, t.upstream_to_client);
+        Ok(result?)
     }
 
     /// Connects to an endpoint of `route`, trying up to [`MAX_ATTEMPTS`]
@@ -204,11 +232,12 @@ impl Forwarder {
         &self,
         peer: SocketAddr,
         route: &Route,
-    ) -> Result<(TcpStream, Arc<EndpointStats>), ProxyError> {
+    ) -> Result<(TcpStream, Arc<EndpointStats>, Arc<EndpointHandles>), ProxyError> {
         let service = &route.service.key;
         let port = route.port_number();
         let endpoints = route.usable_endpoints(&self.node_name);
         let pkey: PortKey = (service.clone(), port);
+        let counters = self.metrics.proxy.port(&pkey, || route.port_label());
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
         let mut last_err = None;
         while tried.len() < MAX_ATTEMPTS {
@@ -217,8 +246,12 @@ impl Forwarder {
             else {
                 break;
             };
+            if !tried.is_empty() {
+                counters.retries.inc();
+            }
             tried.push(addr);
             let stats = self.stats_for(addr);
+            let ep_counters = counters.endpoint(addr);
             match self.connect(addr).await {
                 Ok(upstream) => {
                     stats.succeeded();
@@ -227,15 +260,19 @@ impl Forwarder {
                             .insert((pkey, peer.ip()), (addr, Instant::now()));
                     }
                     tracing::Span::current().record("upstream", tracing::field::display(addr));
-                    return Ok((upstream, stats));
+                    return Ok((upstream, stats, ep_counters));
                 }
                 Err(e) => {
                     debug!(endpoint = %addr, error = %e, attempt = tried.len(), "connect failed");
-                    stats.failed(addr);
+                    ep_counters.connect_failures.inc();
+                    if stats.failed(addr) {
+                        ep_counters.ejections.inc();
+                    }
                     last_err = Some((addr, e));
                 }
             }
         }
+        counters.refused.inc();
         let service = service.clone();
         Err(match last_err {
             Some((addr, source)) => ProxyError::Connect {
@@ -344,6 +381,14 @@ impl Forwarder {
         });
         self.round_robin
             .retain(|(key, _), _| state.service(key).is_some());
+        self.metrics.proxy.retain(|(key, port), ep| {
+            state.service(key).is_some_and(|s| {
+                s.ports
+                    .iter()
+                    .filter(|p| p.port == *port)
+                    .any(|p| ep.is_none_or(|a| p.endpoints.iter().any(|e| e.addr == a)))
+            })
+        });
     }
 }
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use strait_proto::tls::Transport;
 use strait_proto::v1::resources_client::ResourcesClient;
-use strait_proto::v1::{ApplyRequest, Condition, EventType, Object, Pod, Probe, WatchRequest, int_or_string, object};
+use strait_proto::v1::{
+    ApplyRequest, Condition, EventType, Object, Pod, Probe, WatchRequest, int_or_string, object,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -60,7 +62,10 @@ pub async fn probe_once(pod: &Pod, probe: &Probe, node_ip: IpAddr) -> Verdict {
 }
 
 async fn attempt(pod: &Pod, probe: &Probe, node_ip: IpAddr) -> Verdict {
-    let host = |h: &str| h.parse::<IpAddr>().unwrap_or_else(|_| pod_host(pod, node_ip));
+    let host = |h: &str| {
+        h.parse::<IpAddr>()
+            .unwrap_or_else(|_| pod_host(pod, node_ip))
+    };
     if let Some(t) = &probe.tcp_socket {
         let Some(port) = resolve_port(pod, t.port.as_ref()) else {
             return Verdict::Failure("tcpSocket port does not resolve".into());
@@ -104,7 +109,9 @@ async fn http_get(addr: SocketAddr, path: &str) -> Verdict {
         Ok(s) => s,
         Err(e) => return Verdict::Failure(format!("dial tcp {addr}: {e}")),
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: strait-probe\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: strait-probe\r\nConnection: close\r\n\r\n"
+    );
     if let Err(e) = s.write_all(req.as_bytes()).await {
         return Verdict::Failure(format!("write: {e}"));
     }
@@ -118,7 +125,10 @@ async fn http_get(addr: SocketAddr, path: &str) -> Verdict {
         }
     }
     let head = String::from_utf8_lossy(&buf[..n]);
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok());
     match code {
         Some(c) if (200..400).contains(&c) => Verdict::Success,
         Some(c) => Verdict::Failure(format!("HTTP probe failed with statuscode: {c}")),
@@ -137,7 +147,11 @@ pub struct Tracker {
 impl Tracker {
     /// Probed Pods start not ready.
     pub fn new() -> Self {
-        Self { ready: false, successes: 0, failures: 0 }
+        Self {
+            ready: false,
+            successes: 0,
+            failures: 0,
+        }
     }
 
     /// Records a result; returns the new readiness when it changed.
@@ -171,7 +185,11 @@ impl Default for Tracker {
 }
 
 fn readiness_probe(pod: &Pod) -> Option<Probe> {
-    pod.spec.as_ref()?.containers.iter().find_map(|c| c.readiness_probe.clone())
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find_map(|c| c.readiness_probe.clone())
 }
 
 fn pod_ready(pod: &Pod) -> Option<bool> {
@@ -190,12 +208,26 @@ fn key(pod: &Pod) -> Key {
     (m.namespace, m.name)
 }
 
+/// The handler a probe uses, as a metric label.
+fn probe_kind(probe: &Probe) -> &'static str {
+    if probe.tcp_socket.is_some() {
+        "tcp"
+    } else if probe.http_get.is_some() {
+        "http"
+    } else if probe.exec.is_some() {
+        "exec"
+    } else {
+        "none"
+    }
+}
+
 /// The probing side of the agent.
 pub struct Prober {
     node: String,
     node_ip: IpAddr,
     control: Vec<String>,
     transport: Transport,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The latest stored version of each Pod bound to this node.
@@ -203,7 +235,19 @@ type Pods = Arc<Mutex<BTreeMap<Key, Pod>>>;
 
 impl Prober {
     pub fn new(node: String, node_ip: IpAddr, control: Vec<String>, transport: Transport) -> Self {
-        Self { node, node_ip, control, transport }
+        Self {
+            node,
+            node_ip,
+            control,
+            transport,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Counts probe results into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn client(&self, addr: &str) -> Option<ResourcesClient<Channel>> {
@@ -221,9 +265,14 @@ impl Prober {
         while !stop.is_cancelled() {
             let addr = this.control[attempt % this.control.len().max(1)].clone();
             attempt += 1;
-            let Some(mut client) = this.client(&addr) else { break };
+            let Some(mut client) = this.client(&addr) else {
+                break;
+            };
             let stream = client
-                .watch(WatchRequest { kinds: vec!["Pod".into()], revision: 0 })
+                .watch(WatchRequest {
+                    kinds: vec!["Pod".into()],
+                    revision: 0,
+                })
                 .await;
             let mut stream = match stream {
                 Ok(s) => s.into_inner(),
@@ -250,7 +299,12 @@ impl Prober {
                         map.clear();
                     }
                     for e in resp.events {
-                        let Some(Object { kind: Some(object::Kind::Pod(p)) }) = e.object else { continue };
+                        let Some(Object {
+                            kind: Some(object::Kind::Pod(p)),
+                        }) = e.object
+                        else {
+                            continue;
+                        };
                         let mine = p.spec.as_ref().is_some_and(|s| s.node_name == this.node);
                         if e.r#type == EventType::Deleted as i32 || !mine {
                             map.remove(&key(&p));
@@ -293,13 +347,22 @@ impl Prober {
             r#type: "Ready".into(),
             status: if ready { "True" } else { "False" }.into(),
             last_transition_time: now,
-            reason: if ready { "ProbeSucceeded" } else { "ProbeFailed" }.into(),
+            reason: if ready {
+                "ProbeSucceeded"
+            } else {
+                "ProbeFailed"
+            }
+            .into(),
             message: why.into(),
             ..Default::default()
         });
         for addr in &self.control {
-            let Some(mut c) = self.client(addr) else { continue };
-            let mut req = tonic::Request::new(ApplyRequest { object: Some(p.clone().into()) });
+            let Some(mut c) = self.client(addr) else {
+                continue;
+            };
+            let mut req = tonic::Request::new(ApplyRequest {
+                object: Some(p.clone().into()),
+            });
             req.set_timeout(Duration::from_secs(5));
             match c.apply(req).await {
                 Ok(_) => return true,
@@ -313,7 +376,13 @@ impl Prober {
     }
 }
 
-async fn probe_loop(prober: Arc<Prober>, pods: Pods, k: Key, probe: Probe, stop: CancellationToken) {
+async fn probe_loop(
+    prober: Arc<Prober>,
+    pods: Pods,
+    k: Key,
+    probe: Probe,
+    stop: CancellationToken,
+) {
     let period = Duration::from_secs(u64::try_from(probe.period_seconds.max(1)).unwrap_or(1));
     let delay = Duration::from_secs(u64::try_from(probe.initial_delay_seconds.max(0)).unwrap_or(0));
     tokio::select! {
@@ -328,14 +397,20 @@ async fn probe_loop(prober: Arc<Prober>, pods: Pods, k: Key, probe: Probe, stop:
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Some(pod) = pods.lock().await.get(&k).cloned() else { return };
+        let Some(pod) = pods.lock().await.get(&k).cloned() else {
+            return;
+        };
         let verdict = probe_once(&pod, &probe, prober.node_ip).await;
+        prober
+            .metrics
+            .probe_result(probe_kind(&probe), verdict == Verdict::Success);
         let changed = tracker.record(&probe, &verdict);
         // Write on a transition, or when the stored condition disagrees
         // (a write lost to a conflict, or a restarted agent).
         let want = tracker.ready;
         let stored = pod_ready(&pod);
-        let counted = tracker.successes >= probe.success_threshold.max(1) || tracker.failures >= probe.failure_threshold.max(1);
+        let counted = tracker.successes >= probe.success_threshold.max(1)
+            || tracker.failures >= probe.failure_threshold.max(1);
         if changed.is_some() || (counted && stored != Some(want)) {
             let why = match &verdict {
                 Verdict::Success => "readiness probe succeeded".to_string(),
@@ -355,7 +430,11 @@ mod tests {
     use super::*;
 
     fn probe(success: i32, failure: i32) -> Probe {
-        Probe { success_threshold: success, failure_threshold: failure, ..Default::default() }
+        Probe {
+            success_threshold: success,
+            failure_threshold: failure,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -371,7 +450,9 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_http_and_exec_probes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
@@ -381,36 +462,69 @@ mod tests {
             }
         });
         let pod = Pod {
-            status: Some(strait_proto::v1::PodStatus { pod_ip: "127.0.0.1".into(), ..Default::default() }),
+            status: Some(strait_proto::v1::PodStatus {
+                pod_ip: "127.0.0.1".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let ip = IpAddr::from([127, 0, 0, 1]);
         let port_ref = Some(strait_proto::v1::IntOrString::int(i32::from(port)));
         let tcp = Probe {
-            tcp_socket: Some(strait_proto::v1::TcpSocketAction { port: port_ref.clone(), host: String::new() }),
+            tcp_socket: Some(strait_proto::v1::TcpSocketAction {
+                port: port_ref.clone(),
+                host: String::new(),
+            }),
             timeout_seconds: 5,
             ..Default::default()
         };
         assert_eq!(probe_once(&pod, &tcp, ip).await, Verdict::Success);
         let http = Probe {
-            http_get: Some(strait_proto::v1::HttpGetAction { path: "/healthz".into(), port: port_ref, ..Default::default() }),
+            http_get: Some(strait_proto::v1::HttpGetAction {
+                path: "/healthz".into(),
+                port: port_ref,
+                ..Default::default()
+            }),
             timeout_seconds: 5,
             ..Default::default()
         };
         assert_eq!(probe_once(&pod, &http, ip).await, Verdict::Success);
-        let exec_ok = Probe { exec: Some(strait_proto::v1::ExecAction { command: vec!["true".into()] }), timeout_seconds: 5, ..Default::default() };
-        assert_eq!(probe_once(&pod, &exec_ok, ip).await, Verdict::Success);
-        let exec_bad = Probe { exec: Some(strait_proto::v1::ExecAction { command: vec!["false".into()] }), timeout_seconds: 5, ..Default::default() };
-        assert!(matches!(probe_once(&pod, &exec_bad, ip).await, Verdict::Failure(_)));
-        // A closed port fails.
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let cport = closed.local_addr().expect("addr").port();
-        drop(closed);
-        let tcp_closed = Probe {
-            tcp_socket: Some(strait_proto::v1::TcpSocketAction { port: Some(strait_proto::v1::IntOrString::int(i32::from(cport))), host: String::new() }),
+        let exec_ok = Probe {
+            exec: Some(strait_proto::v1::ExecAction {
+                command: vec!["true".into()],
+            }),
             timeout_seconds: 5,
             ..Default::default()
         };
-        assert!(matches!(probe_once(&pod, &tcp_closed, ip).await, Verdict::Failure(_)));
+        assert_eq!(probe_once(&pod, &exec_ok, ip).await, Verdict::Success);
+        let exec_bad = Probe {
+            exec: Some(strait_proto::v1::ExecAction {
+                command: vec!["false".into()],
+            }),
+            timeout_seconds: 5,
+            ..Default::default()
+        };
+        assert!(matches!(
+            probe_once(&pod, &exec_bad, ip).await,
+            Verdict::Failure(_)
+        ));
+        // A closed port fails.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let cport = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let tcp_closed = Probe {
+            tcp_socket: Some(strait_proto::v1::TcpSocketAction {
+                port: Some(strait_proto::v1::IntOrString::int(i32::from(cport))),
+                host: String::new(),
+            }),
+            timeout_seconds: 5,
+            ..Default::default()
+        };
+        assert!(matches!(
+            probe_once(&pod, &tcp_closed, ip).await,
+            Verdict::Failure(_)
+        ));
     }
 }

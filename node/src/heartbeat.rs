@@ -3,14 +3,17 @@
 //! Ready=False and its endpoints unready). Sent to all replicas so a newly
 //! elected leader already has recent ones.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use strait_proto::tls::Transport;
 use strait_proto::v1::HeartbeatRequest;
 use strait_proto::v1::nodes_client::NodesClient;
 use tokio_util::sync::CancellationToken;
-use strait_proto::tls::Transport;
 use tonic::transport::Channel;
 use tracing::debug;
+
+use crate::metrics::Metrics;
 
 /// How often a heartbeat is sent.
 pub const INTERVAL: Duration = Duration::from_secs(1);
@@ -22,11 +25,13 @@ fn client(addr: &str, transport: &Transport) -> Option<NodesClient<Channel>> {
     ))
 }
 
-/// Sends `name`'s heartbeat to every address until `stop`.
+/// Sends `name`'s heartbeat to every address until `stop`, with the
+/// revision `metrics` last saw programmed.
 pub async fn run(
     name: String,
     control: Vec<String>,
     transport: Transport,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let clients: Vec<(String, NodesClient<Channel>)> = control
@@ -41,7 +46,10 @@ pub async fn run(
         }
         for (addr, c) in &clients {
             let mut c = c.clone();
-            let mut req = tonic::Request::new(HeartbeatRequest { node_name: name.clone(), applied_revision: 0 });
+            let mut req = tonic::Request::new(HeartbeatRequest {
+                node_name: name.clone(),
+                applied_revision: metrics.applied_revision(),
+            });
             req.set_timeout(INTERVAL);
             let addr = addr.clone();
             // One slow replica must not delay the others.

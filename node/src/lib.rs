@@ -12,6 +12,7 @@ pub mod forward;
 pub mod health;
 pub mod heartbeat;
 pub mod listeners;
+pub mod metrics;
 pub mod pods;
 pub mod routes;
 pub mod splice;

@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::forward::{self, Forwarder, ProxyError, Route};
+use crate::metrics::Metrics;
 use crate::state::NodeState;
 
 /// How often addresses that failed to bind are retried.
@@ -109,13 +110,20 @@ impl Listeners {
 }
 
 /// Starts reconciling listeners to `state`. Nothing is bound before the
-/// first synced state; the task ends when `drain` stops.
-pub fn spawn(cfg: &Config, state: watch::Receiver<Arc<NodeState>>, drain: &Drain) -> Listeners {
+/// first synced state; the task ends when `drain` stops. Each reconciled
+/// revision is reported to `metrics` as programmed.
+pub fn spawn(
+    cfg: &Config,
+    state: watch::Receiver<Arc<NodeState>>,
+    drain: &Drain,
+    metrics: Arc<Metrics>,
+) -> Listeners {
     let (bound_tx, bound) = watch::channel(Arc::new(BTreeSet::new()));
     let (routes_tx, _) = watch::channel(Arc::new(RouteTable::new()));
     let r = Reconciler {
         node_ip: cfg.node_ip,
-        forwarder: Arc::new(Forwarder::new(cfg)),
+        forwarder: Arc::new(Forwarder::new(cfg).with_metrics(metrics.clone())),
+        metrics,
         state,
         routes_tx,
         bound_tx,
@@ -130,6 +138,7 @@ pub fn spawn(cfg: &Config, state: watch::Receiver<Arc<NodeState>>, drain: &Drain
 struct Reconciler {
     node_ip: IpAddr,
     forwarder: Arc<Forwarder>,
+    metrics: Arc<Metrics>,
     state: watch::Receiver<Arc<NodeState>>,
     routes_tx: watch::Sender<Arc<RouteTable>>,
     bound_tx: watch::Sender<Arc<BTreeSet<SocketAddr>>>,
@@ -224,6 +233,8 @@ impl Reconciler {
             }
         }
         let bound: BTreeSet<SocketAddr> = self.active.keys().copied().collect();
+        self.metrics.set_listeners(bound.len());
+        self.metrics.programmed(state.revision());
         self.bound_tx.send_if_modified(|cur| {
             if **cur == bound {
                 false
@@ -353,18 +364,5 @@ mod tests {
             sock.tcp_keepalive_time().expect("keepidle"),
             forward::KEEPALIVE
         );
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    use super::*;
-    #[tokio::test]
-    async fn probe() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("b");
-        let a = l.local_addr().expect("a");
-        let c = TcpStream::connect(a).await.expect("c");
-        let o = crate::splice::ForwardOptions::default();
-        let f2 = crate::splice::forward(c, TcpStream::connect(a).await.expect("x"), &o);
-        eprintln!("forward future: {}", std::mem::size_of_val(&f2));
     }
 }

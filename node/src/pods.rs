@@ -23,14 +23,23 @@ pub const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// The Pods one scan of the directory describes, by (namespace, name).
 pub fn scan(dir: &Path, node: &str) -> BTreeMap<(String, String), Object> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
         .collect();
     files.sort();
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         let objects = match strait_proto::manifest::parse(&text) {
             Ok(o) => o,
             Err(e) => {
@@ -38,7 +47,10 @@ pub fn scan(dir: &Path, node: &str) -> BTreeMap<(String, String), Object> {
                 continue;
             }
         };
-        let file = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for mut o in objects {
             let Some(object::Kind::Pod(p)) = o.kind.as_mut() else {
                 warn!(file = %f.display(), kind = ?o.kind(), "only Pods belong in --pods-dir");
@@ -66,12 +78,19 @@ pub struct StaticPods {
 
 impl StaticPods {
     pub fn new(dir: PathBuf, node: String, control: Vec<String>, transport: Transport) -> Self {
-        Self { dir, node, control, transport }
+        Self {
+            dir,
+            node,
+            control,
+            transport,
+        }
     }
 
     async fn client(&self) -> Option<ResourcesClient<Channel>> {
         for addr in &self.control {
-            let Ok(ep) = strait_proto::tls::endpoint(addr) else { continue };
+            let Ok(ep) = strait_proto::tls::endpoint(addr) else {
+                continue;
+            };
             if let Ok(ch) = self.transport.connect(ep).await {
                 return Some(ResourcesClient::new(ch));
             }
@@ -80,9 +99,16 @@ impl StaticPods {
     }
 
     /// Static Pods of this node the control plane has now.
-    async fn registered(&self, c: &mut ResourcesClient<Channel>) -> Option<BTreeSet<(String, String)>> {
+    async fn registered(
+        &self,
+        c: &mut ResourcesClient<Channel>,
+    ) -> Option<BTreeSet<(String, String)>> {
         let items = c
-            .list(ListRequest { kind: "Pod".into(), namespace: String::new(), consistency: 0 })
+            .list(ListRequest {
+                kind: "Pod".into(),
+                namespace: String::new(),
+                consistency: 0,
+            })
             .await
             .ok()?
             .into_inner()
@@ -93,7 +119,9 @@ impl StaticPods {
                 .filter(|o| match &o.kind {
                     Some(object::Kind::Pod(p)) => {
                         p.spec.as_ref().is_some_and(|s| s.node_name == self.node)
-                            && p.metadata.as_ref().is_some_and(|m| m.annotations.contains_key(SOURCE_ANNOTATION))
+                            && p.metadata
+                                .as_ref()
+                                .is_some_and(|m| m.annotations.contains_key(SOURCE_ANNOTATION))
                     }
                     _ => false,
                 })
@@ -119,7 +147,9 @@ impl StaticPods {
             };
             if !synced {
                 // After a restart: forget nothing the directory lost meanwhile.
-                let Some(have) = self.registered(&mut c).await else { continue };
+                let Some(have) = self.registered(&mut c).await else {
+                    continue;
+                };
                 for k in have.difference(&want.keys().cloned().collect()) {
                     applied.insert(k.clone(), Object::default());
                 }
@@ -129,15 +159,26 @@ impl StaticPods {
                 if applied.get(k) == Some(o) {
                     continue;
                 }
-                match c.apply(ApplyRequest { object: Some(o.clone()) }).await {
+                match c
+                    .apply(ApplyRequest {
+                        object: Some(o.clone()),
+                    })
+                    .await
+                {
                     Ok(r) => {
                         info!(pod = %k.1, namespace = %k.0, result = %r.into_inner().result, "static pod registered");
                         applied.insert(k.clone(), o.clone());
                     }
-                    Err(e) => warn!(pod = %k.1, error = %e.message(), "static pod not registered; retrying"),
+                    Err(e) => {
+                        warn!(pod = %k.1, error = %e.message(), "static pod not registered; retrying")
+                    }
                 }
             }
-            let gone: Vec<(String, String)> = applied.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+            let gone: Vec<(String, String)> = applied
+                .keys()
+                .filter(|k| !want.contains_key(*k))
+                .cloned()
+                .collect();
             for k in gone {
                 let req = DeleteRequest {
                     kind: "Pod".into(),
@@ -174,9 +215,16 @@ mod tests {
         .expect("write");
         std::fs::write(dir.path().join("notes.txt"), "ignored").expect("write");
         let pods = scan(dir.path(), "n1");
-        let o = pods.get(&("default".to_string(), "web".to_string())).expect("pod");
-        let Some(object::Kind::Pod(p)) = &o.kind else { panic!("not a pod") };
+        let o = pods
+            .get(&("default".to_string(), "web".to_string()))
+            .expect("pod");
+        let Some(object::Kind::Pod(p)) = &o.kind else {
+            panic!("not a pod")
+        };
         assert_eq!(p.spec.as_ref().expect("spec").node_name, "n1");
-        assert_eq!(p.metadata.as_ref().expect("meta").annotations[SOURCE_ANNOTATION], "web.yaml");
+        assert_eq!(
+            p.metadata.as_ref().expect("meta").annotations[SOURCE_ANNOTATION],
+            "web.yaml"
+        );
     }
 }

@@ -500,12 +500,14 @@ impl Direction {
 
             if self.eof && self.held == 0 {
                 self.done = true;
-                return Poll::Ready(match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
-                    // The peer is already gone entirely; the other direction
-                    // will find out on its own.
-                    Err(e) if e.kind() != io::ErrorKind::NotConnected => Err((dst_side, e)),
-                    _ => Ok(()),
-                });
+                return Poll::Ready(
+                    match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+                        // The peer is already gone entirely; the other direction
+                        // will find out on its own.
+                        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err((dst_side, e)),
+                        _ => Ok(()),
+                    },
+                );
             }
 
             if progress {
@@ -1056,24 +1058,30 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_direction_takes_a_pipe_only_when_data_arrives() {
+    async fn small_messages_take_no_pipe_and_bulk_ones_do() {
         static TAKEN: AtomicU64 = AtomicU64::new(0);
         let counting: fn(usize) -> io::Result<Pipe> = |size| {
             TAKEN.fetch_add(1, Ordering::SeqCst);
             Pipe::new(size)
         };
-        let (mut client_app, mut server_app, handle) =
+        let (client_app, server_app, handle) =
             proxied_pair(opts(CopyMode::Splice), Some(counting)).await;
+        let (mut cr, mut cw) = client_app.into_split();
+        let (mut sr, mut sw) = server_app.into_split();
         let mut buf = [0u8; 4];
-        client_app.write_all(b"ping").await.expect("client write");
-        server_app.read_exact(&mut buf).await.expect("server read");
-        // Only the direction that carried bytes has taken a pipe.
-        assert_eq!(TAKEN.load(Ordering::SeqCst), 1);
-        server_app.write_all(b"pong").await.expect("server write");
-        client_app.read_exact(&mut buf).await.expect("client read");
-        assert_eq!(TAKEN.load(Ordering::SeqCst), 2);
-        drop(client_app);
-        drop(server_app);
+        for _ in 0..10 {
+            cw.write_all(b"ping").await.expect("client write");
+            sr.read_exact(&mut buf).await.expect("server read");
+            sw.write_all(b"pong").await.expect("server write");
+            cr.read_exact(&mut buf).await.expect("client read");
+        }
+        assert_eq!(TAKEN.load(Ordering::SeqCst), 0, "ping-pong took a pipe");
+        // A bulk transfer splices, through pipes taken as it goes.
+        let total = 8 * MIB;
+        tokio::try_join!(send_stream(cw, 3, total), check_stream(sr, 3, total))
+            .expect("bulk transfer");
+        assert!(TAKEN.load(Ordering::SeqCst) >= 1, "bulk took no pipe");
+        drop((cr, sw));
         let _ = finish(handle).await;
     }
 

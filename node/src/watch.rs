@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use rand::Rng;
+use strait_proto::tls::Transport;
 use strait_proto::v1::resources_client::ResourcesClient;
 use strait_proto::v1::{
     ApplyRequest, Condition, ListResponse, Node, NodeAddress, NodeStatus, Object, ObjectMeta,
@@ -19,10 +20,10 @@ use strait_proto::v1::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use strait_proto::tls::Transport;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::metrics::Metrics;
 use crate::state::{NodeState, StateError};
 
 /// The file, under the data directory, holding the last state.
@@ -190,6 +191,7 @@ pub struct Watcher {
     clients: Vec<ResourcesClient<Channel>>,
     registration: Registration,
     tx: watch::Sender<Arc<NodeState>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Watcher {
@@ -223,7 +225,14 @@ impl Watcher {
             clients,
             registration,
             tx,
+            metrics: Arc::default(),
         })
+    }
+
+    /// Reports reconnects and received revisions to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs until `stop`: each replica in turn, capped exponential backoff
@@ -257,6 +266,7 @@ impl Watcher {
                 resume = None;
                 continue;
             }
+            self.metrics.watch_reconnect();
             let delay = jitter(backoff);
             warn!(
                 %addr,
@@ -307,6 +317,21 @@ impl Watcher {
                 );
                 continue;
             }
+            let commit_lag_ms = (resp.commit_time_unix_nanos > 0).then(|| {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+                    .unwrap_or(0);
+                now.saturating_sub(resp.commit_time_unix_nanos).max(0) / 1_000_000
+            });
+            let span = tracing::info_span!(
+                "watch.apply",
+                strait.revision = resp.revision,
+                strait.events = resp.events.len(),
+                strait.initial = resp.initial,
+                strait.commit_lag_ms = commit_lag_ms,
+            );
+            let _entered = span.enter();
             let next = current.apply(&resp).map_err(|source| WatchError::State {
                 addr: addr.clone(),
                 source,
@@ -321,6 +346,10 @@ impl Watcher {
                 );
             }
             *resume = Some(next.revision());
+            // Recorded before publishing, so the listeners cannot report
+            // the revision programmed before it counts as received.
+            self.metrics
+                .received(next.revision(), resp.commit_time_unix_nanos);
             self.tx.send_replace(Arc::new(next));
         }
     }

@@ -82,7 +82,11 @@ pub struct Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/{}/{}", self.trust_domain, self.role, self.name)
+        write!(
+            f,
+            "spiffe://{}/{}/{}",
+            self.trust_domain, self.role, self.name
+        )
     }
 }
 
@@ -288,12 +292,10 @@ impl Loaded {
         let mut roots = RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(&ca_pem) {
             let c = c.map_err(|e| pem_err(&files.ca, format!("bad certificate PEM: {e}")))?;
-            roots
-                .add(c)
-                .map_err(|source| TlsError::Rustls {
-                    context: "adding a CA certificate",
-                    source,
-                })?;
+            roots.add(c).map_err(|source| TlsError::Rustls {
+                context: "adding a CA certificate",
+                source,
+            })?;
         }
         if roots.is_empty() {
             return Err(pem_err(&files.ca, "no CA certificate in the bundle".into()));
@@ -336,9 +338,13 @@ type Stamp = [Option<(SystemTime, u64, u64)>; 3];
 fn stamp(files: &TlsFiles) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     files.paths().map(|p| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.ino()))
+        std::fs::metadata(p).ok().map(|m| {
+            (
+                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                m.len(),
+                m.ino(),
+            )
+        })
     })
 }
 
@@ -363,7 +369,10 @@ pub struct Reloading<T> {
 
 impl<T: Clone> Reloading<T> {
     /// Loads the files once; they must be valid now.
-    pub fn new(files: TlsFiles, build: fn(&Loaded) -> Result<T, TlsError>) -> Result<Self, TlsError> {
+    pub fn new(
+        files: TlsFiles,
+        build: fn(&Loaded) -> Result<T, TlsError>,
+    ) -> Result<Self, TlsError> {
         let st = stamp(&files);
         let loaded = Loaded::read(&files)?;
         let value = build(&loaded)?;
@@ -604,8 +613,12 @@ struct Connector {
     local_ip: Option<IpAddr>,
 }
 
-type ConnectFuture =
-    Pin<Box<dyn Future<Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>> + Send>>;
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>>
+            + Send,
+    >,
+>;
 
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
@@ -623,7 +636,9 @@ impl tower_service::Service<Uri> for Connector {
             let host = uri
                 .host()
                 .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address without a host"))?;
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "address without a host")
+                })?;
             let port = uri.port_u16().unwrap_or(7700);
             let tcp = dial(&host, port, local_ip).await?;
             let name = ServerName::try_from(host.clone())
@@ -631,7 +646,9 @@ impl tower_service::Service<Uri> for Connector {
             let stream = tokio_rustls::TlsConnector::from(tls.get())
                 .connect(name, tcp)
                 .await
-                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {host}:{port}: {e}")))?;
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("TLS handshake with {host}:{port}: {e}"))
+                })?;
             Ok(TokioIo::new(stream))
         })
     }
@@ -646,7 +663,10 @@ async fn dial(host: &str, port: u16, local_ip: Option<IpAddr>) -> io::Result<Tcp
         }
     }
     Err(last.unwrap_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"))
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
     }))
 }
 

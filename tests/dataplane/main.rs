@@ -157,8 +157,8 @@ impl Pattern {
 
 /// Sends `total` pattern bytes to a sink through `addr`, half-closes, and
 /// returns what the sink reported next to what was sent.
-fn send_to_sink(addr: &str, total: usize) -> (String, String) {
-    let mut s = connect(addr).expect("connect");
+fn send_to_sink(addr: &str, total: usize) -> std::io::Result<(String, String)> {
+    let mut s = connect(addr)?;
     let mut pattern = Pattern(0x5eed);
     let mut hash = Hash::default();
     let mut chunk = vec![0u8; 256 * 1024];
@@ -167,17 +167,17 @@ fn send_to_sink(addr: &str, total: usize) -> (String, String) {
         let n = chunk.len().min(total - sent);
         pattern.fill(&mut chunk[..n]);
         hash.update(&chunk[..n]);
-        s.write_all(&chunk[..n]).expect("send");
+        s.write_all(&chunk[..n])?;
         sent += n;
     }
     // The sink only answers once it saw end-of-stream, which the agent must
     // pass on while keeping the way back open.
-    s.shutdown(Shutdown::Write).expect("half-close");
-    let report = read_line(&mut s).expect("the sink's report");
+    s.shutdown(Shutdown::Write)?;
+    let report = read_line(&mut s)?;
     let mut rest = Vec::new();
-    s.read_to_end(&mut rest).expect("end of stream");
+    s.read_to_end(&mut rest)?;
     assert!(rest.is_empty(), "unexpected bytes after the report");
-    (report, format!("{total} {:016x}", hash.finish()))
+    Ok((report, format!("{total} {:016x}", hash.finish())))
 }
 
 #[test]
@@ -193,10 +193,10 @@ fn one_gib_arrives_byte_identical() {
     ));
     let addr = cluster_addr(&control, "bulk");
     eventually("the sink to be reachable", || {
-        let (got, want) = send_to_sink(&addr, 0).clone();
+        let (got, want) = send_to_sink(&addr, 0).ok()?;
         (got == want).then_some(())
     });
-    let (got, want) = send_to_sink(&addr, 1 << 30);
+    let (got, want) = send_to_sink(&addr, 1 << 30).expect("1 GiB through the service");
     assert_eq!(got, want, "the sink saw other bytes than were sent");
 }
 
@@ -216,12 +216,12 @@ fn half_close_keeps_the_other_direction_open() {
     // Client half-closes first: the reply still arrives.
     let addr = cluster_addr(&control, "sink");
     eventually("the sink to be reachable", || {
-        connect(&addr).ok().map(|mut s| {
-            let _ = s.shutdown(Shutdown::Write);
+        connect(&addr).ok().and_then(|mut s| {
+            s.shutdown(Shutdown::Write).ok()?;
             read_line(&mut s).ok()
-        })?
+        })
     });
-    let (got, want) = send_to_sink(&addr, 3 << 20);
+    let (got, want) = send_to_sink(&addr, 3 << 20).expect("3 MiB through the service");
     assert_eq!(got, want);
 
     // Client half-closes after data in flight: everything sent before the

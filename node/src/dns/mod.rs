@@ -78,6 +78,7 @@ pub enum Outcome {
 pub struct Handler {
     zone: RwLock<Arc<Zone>>,
     upstreams: Upstreams,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Handler {
@@ -85,7 +86,19 @@ impl Handler {
         Self {
             zone: RwLock::new(Arc::new(zone)),
             upstreams: Upstreams::new(upstreams),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts answered queries into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn count(&self, reply: &[u8]) {
+        let (qtype, rcode) = classify(reply);
+        self.metrics.dns_query(qtype, rcode);
     }
 
     fn zone(&self) -> Arc<Zone> {
@@ -105,8 +118,17 @@ impl Handler {
     }
 
     /// The request path: parses `packet` and writes the reply into `out`.
-    /// Total over arbitrary bytes — never panics.
+    /// Total over arbitrary bytes — never panics. Replies are counted by
+    /// question type and rcode (forwarded ones in [`Self::forward`]).
     pub fn handle(&self, packet: &[u8], tcp: bool, out: &mut Vec<u8>) -> Outcome {
+        let outcome = self.answer(packet, tcp, out);
+        if outcome == Outcome::Reply {
+            self.count(out);
+        }
+        outcome
+    }
+
+    fn answer(&self, packet: &[u8], tcp: bool, out: &mut Vec<u8>) -> Outcome {
         let req = match wire::parse(packet) {
             Parsed::Query(req) => req,
             Parsed::Drop => return Outcome::Drop,
@@ -206,14 +228,62 @@ impl Handler {
 
     /// Forwards `packet` upstream; the SERVFAIL in `fallback` if that fails.
     async fn forward(&self, packet: &[u8], tcp: bool, fallback: Vec<u8>) -> Vec<u8> {
-        match self.upstreams.resolve(packet, tcp).await {
+        let reply = match self.upstreams.resolve(packet, tcp).await {
             Ok(reply) => reply,
             Err(e) => {
                 debug!(error = %e, "forwarding failed, answering SERVFAIL");
                 fallback
             }
-        }
+        };
+        self.count(&reply);
+        reply
     }
+}
+
+/// A reply's question type and response code, as bounded metric labels.
+fn classify(reply: &[u8]) -> (&'static str, &'static str) {
+    let rcode = match reply.get(3).map(|b| b & 0x0f) {
+        Some(0) => "NOERROR",
+        Some(1) => "FORMERR",
+        Some(2) => "SERVFAIL",
+        Some(3) => "NXDOMAIN",
+        Some(4) => "NOTIMP",
+        Some(5) => "REFUSED",
+        _ => "other",
+    };
+    let qdcount = reply.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    if qdcount.is_none_or(|n| n == 0) {
+        return ("none", rcode);
+    }
+    // The question name: labels up to the root, or a compression pointer.
+    let mut i = 12;
+    let qtype_at = loop {
+        match reply.get(i) {
+            Some(0) => break i + 1,
+            Some(&len) if len & 0xc0 == 0xc0 => break i + 2,
+            Some(&len) => i += usize::from(len) + 1,
+            None => return ("other", rcode),
+        }
+    };
+    let qtype = match reply
+        .get(qtype_at..qtype_at + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    {
+        Some(1) => "A",
+        Some(2) => "NS",
+        Some(5) => "CNAME",
+        Some(6) => "SOA",
+        Some(12) => "PTR",
+        Some(15) => "MX",
+        Some(16) => "TXT",
+        Some(28) => "AAAA",
+        Some(33) => "SRV",
+        Some(64) => "SVCB",
+        Some(65) => "HTTPS",
+        Some(255) => "ANY",
+        _ => "other",
+    };
+    (qtype, rcode)
 }
 
 /// Binds UDP and TCP on `cfg.listen`, builds the first index from the
@@ -222,6 +292,7 @@ pub async fn spawn(
     cfg: DnsConfig,
     mut state: watch::Receiver<Arc<NodeState>>,
     drain: &Drain,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<DnsServer, DnsError> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -229,10 +300,9 @@ pub async fn spawn(
         .min(4);
     let (udp, tcp, addr) = bind(cfg.listen, workers)?;
     let first = state.borrow_and_update().clone();
-    let handler = Arc::new(Handler::new(
-        Zone::build(&first, &cfg.zone),
-        cfg.upstreams.clone(),
-    ));
+    let handler = Arc::new(
+        Handler::new(Zone::build(&first, &cfg.zone), cfg.upstreams.clone()).with_metrics(metrics),
+    );
     info!(
         %addr,
         domain = %cfg.zone.domain,

@@ -130,7 +130,7 @@ async fn state_changes_never_cut_open_connections() {
     };
     let (tx, rx) = watch::channel(Arc::new(NodeState::unsynced()));
     let drain = Drain::new();
-    let ls = listeners::spawn(&cfg, rx, &drain);
+    let ls = listeners::spawn(&cfg, rx, &drain, Default::default());
     assert!(ls.bound().is_empty(), "bound before the first full state");
 
     tx.send_replace(state_of(&[a.addr]));
