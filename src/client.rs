@@ -168,7 +168,19 @@ pub fn reason(status: &tonic::Status) -> &'static str {
 }
 
 /// An RPC error for the operator: `Error from server (Invalid): ...`.
+/// A status made on this side for a broken connection (with its transport
+/// cause) says what failed instead of posing as a server answer.
 pub fn server_error(status: tonic::Status) -> anyhow::Error {
+    use std::error::Error;
+    if let Some(cause) = status.source() {
+        return anyhow!(
+            "the connection to the control plane failed: {}: {}. A TLS control plane \
+             closes connections from plaintext clients and from certificates it does not \
+             trust (another CA, expired); its log says why",
+            status.message(),
+            error_chain(cause)
+        );
+    }
     anyhow!(
         "Error from server ({}): {}",
         reason(&status),

@@ -10,7 +10,7 @@ use clap::Subcommand;
 use strait_proto::Kind;
 use strait_proto::v1::{
     AddMemberRequest, ApplyRequest, ClusterStatusRequest, Consistency, DeleteRequest, GetRequest,
-    ListRequest, Object, RemoveMemberRequest, object,
+    ListRequest, NodeStatusRequest, Object, RemoveMemberRequest, object,
 };
 
 use crate::client::{Client, server_error};
@@ -213,12 +213,42 @@ pub async fn get(
                 eprintln!("No resources found in {ns} namespace.");
             }
         }
-        f => print!(
-            "{}",
-            output::table(kind, &items, all, f == Some(Format::Wide))
-        ),
+        f => {
+            let progress = if kind == Kind::Node {
+                node_progress(client).await
+            } else {
+                output::NodeProgress::default()
+            };
+            print!(
+                "{}",
+                output::table(kind, &items, all, f == Some(Format::Wide), &progress)
+            )
+        }
     }
     Ok(())
+}
+
+/// What the contacted replica heard from node agents; empty (columns
+/// `<none>`) when it cannot say, e.g. a replica without the RPC.
+async fn node_progress(client: &Client) -> output::NodeProgress {
+    let resp = match client.cluster().await {
+        Ok(mut rpc) => rpc.node_status(NodeStatusRequest {}).await,
+        Err(_) => return output::NodeProgress::default(),
+    };
+    match resp {
+        Ok(r) => {
+            let r = r.into_inner();
+            output::NodeProgress {
+                applied: r
+                    .nodes
+                    .into_iter()
+                    .map(|n| (n.node_name, n.applied_revision))
+                    .collect(),
+                revision: r.revision,
+            }
+        }
+        Err(_) => output::NodeProgress::default(),
+    }
 }
 
 pub async fn describe(

@@ -145,10 +145,11 @@ pub async fn run(args: ControlArgs, tls: &crate::client::TlsArgs) -> anyhow::Res
     }
     .context("starting the control plane")?;
     // Printed for scripts and tests that start on port 0.
-    println!("listening on {}", bound.addr);
+    let mut lines = format!("listening on {}\n", bound.addr);
     if let Some(addr) = bound.metrics_addr {
-        println!("metrics on {addr}");
+        lines.push_str(&format!("metrics on {addr}\n"));
     }
+    print_lines(&lines);
     let watchdog = tokio_util::sync::CancellationToken::new();
     crate::systemd::spawn_watchdog(watchdog.clone());
     crate::systemd::ready(&format!("serving on {}", bound.addr));
@@ -162,6 +163,14 @@ pub async fn run(args: ControlArgs, tls: &crate::client::TlsArgs) -> anyhow::Res
             Ok(())
         }
     }
+}
+
+/// Writes `lines` to stdout at once, ignoring a reader that went away
+/// after the first line (a closed pipe must not stop the process).
+pub fn print_lines(lines: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(lines.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Resolves on SIGINT or SIGTERM.

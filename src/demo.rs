@@ -22,7 +22,12 @@ pub enum DemoCommand {
     /// An HTTP responder answering every request with `hello from NAME`.
     Backend {
         /// Address(es) to listen on (comma-separated IP:PORT).
-        #[arg(long, env = "STRAIT_DEMO_LISTEN", value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            env = "STRAIT_DEMO_LISTEN",
+            value_delimiter = ',',
+            required = true
+        )]
         listen: Vec<SocketAddr>,
         /// The name it answers with.
         #[arg(long, env = "STRAIT_DEMO_NAME")]
@@ -179,12 +184,8 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency.max(1) {
-        let (figures, next, stop, host) = (
-            figures.clone(),
-            next.clone(),
-            stop.clone(),
-            host.clone(),
-        );
+        let (figures, next, stop, host) =
+            (figures.clone(), next.clone(), stop.clone(), host.clone());
         let (count, interval, timeout, quiet) =
             (args.count, args.interval, args.timeout, args.quiet);
         workers.spawn(async move {

@@ -7,11 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::demo::spawn_backend as demo_backend;
 use anyhow::{Context, bail};
 use clap::Args;
 use strait_proto::v1::resources_client::ResourcesClient;
 use strait_proto::v1::{ApplyRequest, ListRequest, Object, object};
-use crate::demo::spawn_backend as demo_backend;
 
 /// The example manifests, as shipped in `examples/`.
 const EXAMPLES: &[(&str, &str)] = &[

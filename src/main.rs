@@ -10,8 +10,8 @@ mod demo;
 mod dev;
 mod node;
 mod output;
-mod telemetry;
 mod systemd;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

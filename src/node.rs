@@ -176,13 +176,15 @@ pub async fn run(args: NodeArgs, tls: &crate::client::TlsArgs) -> anyhow::Result
         other => other,
     }
     .context("starting the node agent")?;
+    // Tests and scripts starting on port 0 read the ports from here.
+    let mut lines = String::new();
     if let Some(addr) = bound.dns_addr() {
-        // Tests and scripts starting on port 0 read the port from here.
-        println!("dns listening on {addr}");
+        lines.push_str(&format!("dns listening on {addr}\n"));
     }
     if let Some(addr) = bound.metrics_addr() {
-        println!("metrics on {addr}");
+        lines.push_str(&format!("metrics on {addr}\n"));
     }
+    crate::control::print_lines(&lines);
     let watchdog = tokio_util::sync::CancellationToken::new();
     crate::systemd::spawn_watchdog(watchdog.clone());
     crate::systemd::ready("node agent running");

@@ -165,7 +165,17 @@ fn strait_ready(p: &Pod) -> bool {
         .is_some_and(|c| c.status == "True")
 }
 
-fn node_row(n: &Node) -> Vec<String> {
+/// Each node agent's programmed revision as the contacted replica last
+/// heard it (heartbeats), and that replica's revision, for `get nodes`.
+#[derive(Debug, Default)]
+pub struct NodeProgress {
+    pub applied: std::collections::HashMap<String, u64>,
+    pub revision: u64,
+}
+
+fn node_row(n: &Node, progress: &NodeProgress) -> Vec<String> {
+    let name = n.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("");
+    let applied = progress.applied.get(name).copied().filter(|r| *r > 0);
     let status = n.status.clone().unwrap_or_default();
     let ready = status
         .conditions
@@ -185,6 +195,11 @@ fn node_row(n: &Node) -> Vec<String> {
             None => "Unknown".into(),
         },
         or_none(ip),
+        applied.map_or_else(|| "<none>".into(), |r| r.to_string()),
+        applied.map_or_else(
+            || "<unknown>".into(),
+            |r| progress.revision.saturating_sub(r).to_string(),
+        ),
     ]
 }
 
@@ -213,7 +228,14 @@ fn slice_row(s: &EndpointSlice) -> Vec<String> {
 }
 
 /// The table for `objects` of `kind`.
-pub fn table(kind: Kind, objects: &[Object], all_namespaces: bool, wide: bool) -> String {
+/// `progress` fills the APPLIED-REVISION and LAG columns of nodes.
+pub fn table(
+    kind: Kind,
+    objects: &[Object],
+    all_namespaces: bool,
+    wide: bool,
+    progress: &NodeProgress,
+) -> String {
     let mut header: Vec<&str> = match kind {
         Kind::Service => vec![
             "NAME",
@@ -224,7 +246,14 @@ pub fn table(kind: Kind, objects: &[Object], all_namespaces: bool, wide: bool) -
             "AGE",
         ],
         Kind::Pod => vec!["NAME", "READY", "STATUS", "IP", "NODE", "AGE"],
-        Kind::Node => vec!["NAME", "STATUS", "INTERNAL-IP", "AGE"],
+        Kind::Node => vec![
+            "NAME",
+            "STATUS",
+            "INTERNAL-IP",
+            "APPLIED-REVISION",
+            "LAG",
+            "AGE",
+        ],
         Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
     };
     if wide && kind == Kind::Service {
@@ -238,7 +267,7 @@ pub fn table(kind: Kind, objects: &[Object], all_namespaces: bool, wide: bool) -
         let mut cells = match &o.kind {
             Some(object::Kind::Service(s)) => svc_row(s, wide),
             Some(object::Kind::Pod(p)) => pod_row(p),
-            Some(object::Kind::Node(n)) => node_row(n),
+            Some(object::Kind::Node(n)) => node_row(n, progress),
             Some(object::Kind::EndpointSlice(s)) => slice_row(s),
             None => continue,
         };

@@ -109,6 +109,9 @@ impl Cluster {
                     program: bin.to_path_buf(),
                     args: vec![
                         "control".into(),
+                        // Plaintext, as etcd is run here: the comparison is
+                        // of replication, not of TLS.
+                        "--insecure".into(),
                         "--id".into(),
                         id.to_string(),
                         "--data-dir".into(),

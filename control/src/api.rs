@@ -339,8 +339,18 @@ impl ResourcesApi {
             .object
             .ok_or_else(|| Status::invalid_argument("object is required"))?;
         let span = tracing::Span::current();
-        span.record("strait.kind", object.kind().map(|k| k.to_string()).unwrap_or_default());
-        span.record("strait.namespace", object.namespace());
+        span.record(
+            "strait.kind",
+            object.kind().map(|k| k.to_string()).unwrap_or_default(),
+        );
+        let namespaced = object.kind().is_some_and(|k| k.namespaced());
+        span.record(
+            "strait.namespace",
+            match object.namespace() {
+                "" if namespaced => "default",
+                ns => ns,
+            },
+        );
         span.record("strait.name", object.name());
         self.authorize_apply(&caller, &mut object).await?;
         let cmd = Command::Apply {
@@ -658,8 +668,7 @@ impl cluster_server::Cluster for ClusterApi {
             .map(|(node_name, at, applied_revision)| NodeHeartbeat {
                 node_name,
                 applied_revision,
-                millis_since_heartbeat: u64::try_from(at.elapsed().as_millis())
-                    .unwrap_or(u64::MAX),
+                millis_since_heartbeat: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
             .collect();
         Ok(Response::new(NodeStatusResponse {

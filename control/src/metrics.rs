@@ -114,11 +114,7 @@ impl Metrics {
             watch_delivery: Histogram::new(latency_buckets()),
             registry: Registry::default(),
         };
-        registry.register(
-            "strait_raft_term",
-            "Current Raft term",
-            m.term.clone(),
-        );
+        registry.register("strait_raft_term", "Current Raft term", m.term.clone());
         registry.register(
             "strait_raft_is_leader",
             "1 when this replica is the Raft leader",
@@ -211,14 +207,20 @@ impl Metrics {
     /// Reads Raft and state gauges, then renders the text format.
     pub fn render(&self, raft: &Raft, shared: &Shared) -> String {
         let m = raft.metrics().borrow_watched().clone();
-        self.term.set(i64::try_from(m.current_term).unwrap_or(i64::MAX));
+        self.term
+            .set(i64::try_from(m.current_term).unwrap_or(i64::MAX));
         self.is_leader
             .set(i64::from(m.current_leader == Some(m.id)));
-        self.leader_id
-            .set(m.current_leader.and_then(|l| i64::try_from(l).ok()).unwrap_or(0));
+        self.leader_id.set(
+            m.current_leader
+                .and_then(|l| i64::try_from(l).ok())
+                .unwrap_or(0),
+        );
         let idx = |l: Option<u64>| l.and_then(|i| i64::try_from(i).ok()).unwrap_or(0);
-        self.commit_index
-            .set(idx(m.local_committed.max(m.cluster_committed).map(|l| l.index)));
+        self.commit_index.set(idx(m
+            .local_committed
+            .max(m.cluster_committed)
+            .map(|l| l.index)));
         self.applied_index.set(idx(m.last_applied.map(|l| l.index)));
         self.last_log_index.set(idx(m.last_log_index));
         {
@@ -311,7 +313,10 @@ async fn metrics_handler(AxumState(h): AxumState<Http>) -> impl IntoResponse {
 async fn readyz(AxumState(h): AxumState<Http>) -> impl IntoResponse {
     match not_ready(&h.raft) {
         None => (StatusCode::OK, "ok\n".to_string()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

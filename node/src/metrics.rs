@@ -193,26 +193,30 @@ impl PortHandles {
         }
         let l = self.endpoint_labels(ep);
         let f = &self.families;
-        self.endpoints
-            .entry(ep)
-            .or_insert_with(|| {
-                Arc::new(EndpointHandles {
-                    opened: f.opened.get_or_create(&l).clone(),
-                    closed: f.closed.get_or_create(&l).clone(),
-                    active: f.active.get_or_create(&l).clone(),
-                    bytes_to_endpoint: f
-                        .bytes
-                        .get_or_create(&EndpointFamilies::bytes_labels(&l, "to_endpoint"))
-                        .clone(),
-                    bytes_to_client: f
-                        .bytes
-                        .get_or_create(&EndpointFamilies::bytes_labels(&l, "to_client"))
-                        .clone(),
-                    connect_failures: f.connect_failures.get_or_create(&l).clone(),
-                    ejections: f.ejections.get_or_create(&l).clone(),
-                })
+        // One statement per family lookup: `get_or_create` returns a read
+        // guard, and a second lookup creating a series in the same family
+        // while it lives would deadlock.
+        let handles = || {
+            let opened = f.opened.get_or_create(&l).clone();
+            let closed = f.closed.get_or_create(&l).clone();
+            let active = f.active.get_or_create(&l).clone();
+            let to_endpoint = EndpointFamilies::bytes_labels(&l, "to_endpoint");
+            let bytes_to_endpoint = f.bytes.get_or_create(&to_endpoint).clone();
+            let to_client = EndpointFamilies::bytes_labels(&l, "to_client");
+            let bytes_to_client = f.bytes.get_or_create(&to_client).clone();
+            let connect_failures = f.connect_failures.get_or_create(&l).clone();
+            let ejections = f.ejections.get_or_create(&l).clone();
+            Arc::new(EndpointHandles {
+                opened,
+                closed,
+                active,
+                bytes_to_endpoint,
+                bytes_to_client,
+                connect_failures,
+                ejections,
             })
-            .clone()
+        };
+        self.endpoints.entry(ep).or_insert_with(handles).clone()
     }
 
     fn endpoint_labels(&self, ep: SocketAddr) -> EndpointLabels {
@@ -240,9 +244,11 @@ impl ProxyMetrics {
         self.ports
             .entry(key.clone())
             .or_insert_with(|| {
+                let retries = self.retries.get_or_create(&labels).clone();
+                let refused = self.refused.get_or_create(&labels).clone();
                 Arc::new(PortHandles {
-                    retries: self.retries.get_or_create(&labels).clone(),
-                    refused: self.refused.get_or_create(&labels).clone(),
+                    retries,
+                    refused,
                     labels,
                     endpoints: DashMap::new(),
                     families: self.families.clone(),
@@ -423,7 +429,12 @@ impl Metrics {
 
     /// Counts one DNS query with its question type and response code.
     pub fn dns_query(&self, qtype: &'static str, rcode: &'static str) {
-        self.dns.get_or_create(&DnsLabels { r#type: qtype, rcode }).inc();
+        self.dns
+            .get_or_create(&DnsLabels {
+                r#type: qtype,
+                rcode,
+            })
+            .inc();
     }
 
     /// Counts one probe attempt.

@@ -21,15 +21,15 @@ fn fetch(addr: &str) -> Option<String> {
 #[test]
 fn dev_cluster_forwards_cluster_ip_node_port_and_load_balancer() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(BIN)
+    let mut child = Killed(Command::new(BIN)
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("STRAIT_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawn strait dev");
-    let stdout = child.stdout.take().expect("stdout");
+        .expect("spawn strait dev"));
+    let stdout = child.0.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -67,6 +67,16 @@ fn dev_cluster_forwards_cluster_ip_node_port_and_load_balancer() {
     assert!(np.starts_with("hello from frontend-"), "{np}");
     let lbb = eventually("LoadBalancer IP answers", || fetch(lb));
     assert!(lbb.starts_with("hello from frontend-"), "{lbb}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
+}
+
+/// Kills the dev cluster however the test ends, so a failed run leaves no
+/// process holding the demo ports.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

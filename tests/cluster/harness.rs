@@ -221,10 +221,10 @@ impl Cluster {
     pub async fn statuses(&self) -> BTreeMap<u64, (String, u64, u64)> {
         let mut out = BTreeMap::new();
         for r in self.replicas.values().filter(|r| r.is_running()) {
-            if let Some(s) = status_of(&r.real.to_string()).await {
-                if let Some(me) = s.members.iter().find(|m| m.id == r.id) {
-                    out.insert(r.id, (me.role.clone(), me.term, me.applied_index));
-                }
+            if let Some(s) = status_of(&r.real.to_string()).await
+                && let Some(me) = s.members.iter().find(|m| m.id == r.id)
+            {
+                out.insert(r.id, (me.role.clone(), me.term, me.applied_index));
             }
         }
         out

@@ -65,7 +65,7 @@ impl Load {
                 while !stop.load(Ordering::Relaxed) && n < 20_000 {
                     n += 1;
                     let start = micros(t0);
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         let value = k * 1_000_000 + n;
                         let out = c.apply(service("reg", value)).await;
                         let end = match out {

@@ -40,7 +40,7 @@ impl Drop for Proc {
 
 /// Spawns `strait ARGS` and waits for a stdout line starting with `prefix`.
 fn spawn_reading(args: &[&str], prefix: &str) -> Proc {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
         .args(args)
         .env("STRAIT_LOG", "error")
@@ -48,7 +48,12 @@ fn spawn_reading(args: &[&str], prefix: &str) -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn strait");
-    let stdout = child.stdout.take().expect("stdout");
+    // Owned by a Proc from here on, so a panic below still kills and reaps it.
+    let mut proc = Proc {
+        child,
+        addr: String::new(),
+    };
+    let stdout = proc.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -62,10 +67,8 @@ fn spawn_reading(args: &[&str], prefix: &str) -> Proc {
             .recv_timeout(left)
             .unwrap_or_else(|_| panic!("strait {args:?} never printed {prefix:?}"));
         if let Some(addr) = line.trim().strip_prefix(prefix) {
-            return Proc {
-                child,
-                addr: addr.trim().to_string(),
-            };
+            proc.addr = addr.trim().to_string();
+            return proc;
         }
     }
 }
