@@ -233,6 +233,54 @@ impl Load {
     }
 }
 
+/// A greeter whose crash closes its listening socket: new connections are
+/// refused from then on, and a connection it already accepted still gets its
+/// greeting (it is written at once), so every client failure would be the
+/// proxy's.
+struct Crashable {
+    name: String,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Crashable {
+    fn start(name: &str) -> Crashable {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, name) = (stop.clone(), name.to_string());
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(mut s) = s {
+                        let _ = s.write_all(format!("{name}\n").as_bytes());
+                    }
+                }
+            })
+        };
+        Crashable { name: name.to_string(), port, stop, thread: Some(thread) }
+    }
+
+    fn crash(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Crashable {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
 #[test]
 fn a_failing_probe_takes_a_dead_backend_out_with_no_failed_client_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -241,13 +289,13 @@ fn a_failing_probe_takes_a_dead_backend_out_with_no_failed_client_connection() {
         &["--service-cidr", "127.124.1.0/24", "--node-grace", "1h"],
     );
     let _agent = Agent::start("n1", "127.124.101.1", &c.addr, &dir.path().join("n1"), &[]);
-    let mut backends: Vec<Backend> = (1..=3)
-        .map(|i| Backend::greeter(&format!("p{i}")))
+    let mut backends: Vec<Crashable> = (1..=3)
+        .map(|i| Crashable::start(&format!("p{i}")))
         .collect();
     let mut yaml = String::from(SERVICE);
     yaml.push_str("---\n");
     for b in &backends {
-        yaml.push_str(&pod(&b.name, "n1", b.addr.port(), true, 30));
+        yaml.push_str(&pod(&b.name, "n1", b.port, true, 30));
     }
     c.apply(&yaml);
     eventually("probes to mark all three ready", || {
@@ -258,7 +306,7 @@ fn a_failing_probe_takes_a_dead_backend_out_with_no_failed_client_connection() {
     let load = Load::start(addr);
     load.wait_for(20);
     let t = Instant::now();
-    backends[1].kill();
+    backends[1].crash();
     eventually("the dead backend's endpoint to turn unready", || {
         (c.ready().get("p2") == Some(&false)).then_some(())
     });
