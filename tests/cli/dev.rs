@@ -21,14 +21,16 @@ fn fetch(addr: &str) -> Option<String> {
 #[test]
 fn dev_cluster_forwards_cluster_ip_node_port_and_load_balancer() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Killed(Command::new(BIN)
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("STRAIT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn strait dev"));
+    let mut child = Killed(
+        Command::new(BIN)
+            .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("STRAIT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn strait dev"),
+    );
     let stdout = child.0.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -263,7 +263,12 @@ impl Crashable {
                 }
             })
         };
-        Crashable { name: name.to_string(), port, stop, thread: Some(thread) }
+        Crashable {
+            name: name.to_string(),
+            port,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     fn crash(&mut self) {

@@ -263,8 +263,7 @@ fn metrics_move_with_real_traffic() {
     let after = eventually("every connection counted closed", || {
         let s = scrape(&node_metrics);
         (value(&s, "strait_proxy_connections_active", &ep) == 0.0
-            && value(&s, "strait_proxy_connections_opened_total", &ep)
-                >= opened_before + N as f64)
+            && value(&s, "strait_proxy_connections_opened_total", &ep) >= opened_before + N as f64)
             .then_some(s)
     });
     let opened = value(&after, "strait_proxy_connections_opened_total", &ep);
@@ -295,11 +294,7 @@ fn metrics_move_with_real_traffic() {
     let applied = value(&after, "strait_applied_revision", &[]);
     assert!(applied > 0.0);
     assert!(
-        value(
-            &after,
-            "strait_network_programming_duration_seconds",
-            &[]
-        ) >= 1.0,
+        value(&after, "strait_network_programming_duration_seconds", &[]) >= 1.0,
         "the Service and its endpoints were programmed after their commit"
     );
 
@@ -360,7 +355,10 @@ fn metrics_move_with_real_traffic() {
         value(&s, "strait_writes_total", &[("op", "apply")]),
         writes_before + 1.0
     );
-    assert_eq!(http_get(&control_metrics, "/readyz").map(|r| r.0), Some(200));
+    assert_eq!(
+        http_get(&control_metrics, "/readyz").map(|r| r.0),
+        Some(200)
+    );
     assert_eq!(http_get(&control_metrics, "/livez").map(|r| r.0), Some(200));
 
     // `get nodes`: the node's applied revision and lag, from heartbeats.
@@ -496,7 +494,12 @@ impl TraceService for Receiver {
 }
 
 fn attr(span: &Span, key: &str) -> Option<String> {
-    let v = span.attributes.iter().find(|a| a.key == key)?.value.as_ref()?;
+    let v = span
+        .attributes
+        .iter()
+        .find(|a| a.key == key)?
+        .value
+        .as_ref()?;
     match v.value.as_ref()? {
         any_value::Value::StringValue(s) => Some(s.clone()),
         any_value::Value::IntValue(i) => Some(i.to_string()),
