@@ -97,7 +97,10 @@ fn service(name: &str) -> anyhow::Result<strait_proto::v1::Object> {
         .context("service manifest")
 }
 
-async fn apply(c: &mut ResourcesClient<Channel>, o: strait_proto::v1::Object) -> anyhow::Result<()> {
+async fn apply(
+    c: &mut ResourcesClient<Channel>,
+    o: strait_proto::v1::Object,
+) -> anyhow::Result<()> {
     c.apply(ApplyRequest { object: Some(o) })
         .await
         .map_err(|s| anyhow::anyhow!("apply: {s}"))?;
@@ -193,7 +196,10 @@ async fn fan_out(args: &Args, addrs: &[String]) -> anyhow::Result<Histogram<u64>
         ));
     }
     ready.wait().await;
-    eprintln!("{} watchers connected; writing {} changes", args.watchers, args.changes);
+    eprintln!(
+        "{} watchers connected; writing {} changes",
+        args.watchers, args.changes
+    );
     let mut c = client(&addrs[0]).await?;
     apply(&mut c, service("fan")?).await?;
     let every = Duration::from_secs_f64(1.0 / args.rate.max(0.1));
@@ -282,7 +288,11 @@ async fn programming(
         }
         // Round 0 also waits for the listener itself: not counted.
         if round > 0 {
-            h.record(u64::try_from(started.elapsed().as_micros()).unwrap_or(1).max(1))?;
+            h.record(
+                u64::try_from(started.elapsed().as_micros())
+                    .unwrap_or(1)
+                    .max(1),
+            )?;
         }
         if let Some(t) = previous.replace(task) {
             let t: tokio::task::JoinHandle<()> = t;
@@ -306,8 +316,18 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("| path | samples | p50 ms | p90 ms | p99 ms | max ms | goal |");
     println!("|---|---|---|---|---|---|---|");
-    println!("{}", row("commit → delivered to a watcher", &fan, "p99 ≤ 100 ms"));
-    println!("{}", row("apply → node forwarding to the new endpoint", &prog, "p99 ≤ 250 ms"));
+    println!(
+        "{}",
+        row("commit → delivered to a watcher", &fan, "p99 ≤ 100 ms")
+    );
+    println!(
+        "{}",
+        row(
+            "apply → node forwarding to the new endpoint",
+            &prog,
+            "p99 ≤ 250 ms"
+        )
+    );
     for r in replicas {
         r.shutdown().await;
     }
