@@ -17,6 +17,9 @@ use tracing::{debug, info, warn};
 
 /// Annotation naming the file a static Pod came from.
 pub const SOURCE_ANNOTATION: &str = "strait.dev/static-pod-file";
+/// Kubernetes' mark of a static ("mirror") Pod; the control plane lets a
+/// node create and delete only Pods that carry it (NodeRestriction).
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// How often the directory is scanned.
 pub const SCAN_EVERY: Duration = Duration::from_secs(1);
 
@@ -62,6 +65,7 @@ pub fn scan(dir: &Path, node: &str) -> BTreeMap<(String, String), Object> {
                 m.namespace = "default".into();
             }
             m.annotations.insert(SOURCE_ANNOTATION.into(), file.clone());
+            m.annotations.insert(MIRROR_ANNOTATION.into(), file.clone());
             out.insert((o.namespace().to_string(), o.name().to_string()), o);
         }
     }
