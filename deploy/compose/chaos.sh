@@ -10,9 +10,11 @@
 #                                           leader-pause, replica-disconnect,
 #                                           node-kill, backend-kill)
 #   CHAOS_KEEP=1 deploy/compose/chaos.sh    leave the cluster running after
+#   CHAOS_NO_BUILD=1 ...                    use the image already built
 #
 # Traffic stays on the private network strait-net the compose file creates.
 set -euo pipefail
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")"
 root="$(cd ../.. && pwd)"
 all=(leader-kill leader-pause replica-disconnect node-kill backend-kill)
@@ -22,9 +24,9 @@ scenarios=("${@:-${all[@]}}")
 # Build the binary and image first (as long as cargo takes); everything
 # after is bounded: cluster, scenarios and teardown are cut at 8 minutes.
 if [ -z "${CHAOS_BOUNDED:-}" ]; then
-  ../docker/build.sh "${STRAIT_IMAGE:-strait:dev}"
+  [ -n "${CHAOS_NO_BUILD:-}" ] || ../docker/build.sh "${STRAIT_IMAGE:-strait:dev}"
   export CHAOS_BOUNDED=1
-  exec timeout --kill-after=30 480 "$0" "$@"
+  exec timeout --kill-after=30 480 "$self" "$@"
 fi
 
 bin="$root/target/static/x86_64-unknown-linux-gnu/release/strait"
@@ -67,9 +69,24 @@ others() { # replicas except id $1
 }
 
 # The leader id as replicas other than $1 (or any) see it; 0 if none.
+# `cluster status` prints the leader line first, then asks every member
+# (a frozen one answers late): read the line as soon as it is there.
 leader() {
-  local s; s=$([ -n "${1:-}" ] && others "$1" || all_servers)
-  cli "$s" cluster status 2>/dev/null | awk '/^leader:/ {print $2; exit}' || echo 0
+  local s f pid l="" i
+  s=$([ -n "${1:-}" ] && others "$1" || all_servers)
+  f=$(mktemp -p "$work")
+  "$bin" --server "$s" cluster status >"$f" 2>/dev/null &
+  pid=$!
+  for i in $(seq 200); do
+    l=$(awk '/^leader:/ {print $2; exit}' "$f")
+    [ -n "$l" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -f "$f"
+  echo "${l:-0}"
 }
 
 # A leader other than $1, as the other replicas see it.
@@ -153,22 +170,23 @@ start_probe() { # name where target [extra...]
     "$bin" "${cmd[@]}" >"$work/probe-$name" 2>&1 &
   fi
   bg_pids+=($!)
-  eval "probe_pid_$name=$!"
+  eval "probe_pid_$name=$! probe_where_$name=$where"
 }
 
-# Stops a probe (SIGTERM: it prints its figures) and echoes "ok failed p99".
+# Stops probe $1 (SIGTERM: it prints its figures and exits) and sets
+# p_ok, p_failed, p_p99, p_max from its last figures line.
 stop_probe() {
-  local name="$1" pid
+  local name="$1" pid line i
   pid=$(eval echo "\$probe_pid_$name")
-  # A probe in the client container is stopped there.
-  pkill_in_client
-  kill -TERM "$pid" 2>/dev/null || true
+  if [ "$(eval echo "\$probe_where_$name")" = client ]; then pkill_in_client; else kill -TERM "$pid" 2>/dev/null || true; fi
+  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  local line; line=$(grep '^probe ' "$work/probe-$name" | tail -1)
-  local ok failed p99
-  ok=$(sed -n 's/.* ok=\([0-9]*\).*/\1/p' <<<"$line"); failed=$(sed -n 's/.* failed=\([0-9]*\).*/\1/p' <<<"$line")
-  p99=$(sed -n 's/.* p99_ms=\([0-9.]*\).*/\1/p' <<<"$line"); max=$(sed -n 's/.* max_ms=\([0-9.]*\).*/\1/p' <<<"$line")
-  echo "${ok:-0} ${failed:-missing} ${p99:-0} ${max:-0}"
+  line=$(grep '^probe ' "$work/probe-$name" | tail -1)
+  p_ok=$(sed -n 's/.* ok=\([0-9]*\).*/\1/p' <<<"$line"); p_failed=$(sed -n 's/.* failed=\([0-9]*\).*/\1/p' <<<"$line")
+  p_p99=$(sed -n 's/.* p99_ms=\([0-9.]*\).*/\1/p' <<<"$line"); p_max=$(sed -n 's/.* max_ms=\([0-9.]*\).*/\1/p' <<<"$line")
+  p_ok=${p_ok:-0} p_failed=${p_failed:-missing} p_p99=${p_p99:-0} p_max=${p_max:-0}
+  if [ "$p_failed" = missing ]; then log "probe $name printed no figures:"; tail -5 "$work/probe-$name"; fi
 }
 
 # `docker exec` does not forward signals to the process it started; the
@@ -183,11 +201,11 @@ pkill_in_client() {
 
 # Invariant "zero failed client connections" for probe $1.
 check_probe_zero() {
-  local name="$1" r ok failed p99 max
-  r=$(stop_probe "$name"); read -r ok failed p99 max <<<"$r"
-  figures+=" ${name}_ok=$ok ${name}_failed=$failed ${name}_p99_ms=$p99 ${name}_max_ms=$max"
-  [ "$failed" = 0 ] || violation "zero failed client connections ($name): $failed failed of $((ok + ${failed//missing/0}))"
-  [ "$ok" -gt 0 ] || violation "client traffic flowed ($name): no successful request"
+  local name="$1"
+  stop_probe "$name"
+  figures+=" ${name}_ok=$p_ok ${name}_failed=$p_failed ${name}_p99_ms=$p_p99 ${name}_max_ms=$p_max"
+  [ "$p_failed" = 0 ] || violation "zero failed client connections ($name): $p_failed failed, $p_ok ok"
+  [ "$p_ok" -gt 0 ] || violation "client traffic flowed ($name): no successful request"
 }
 
 finish() { # scenario figures
@@ -312,7 +330,7 @@ backends_ready() { local ip; for ip in "$@"; do backend_ready "$ip" || return 1;
 # on a killed backend may fail (at most one per probe worker); once its
 # endpoint is unready no request may fail; restarted, it serves again.
 scenario_backend_kill() {
-  local t0 r ok failed p99 max b
+  local t0 b p
   start_probe clusterip client 10.96.0.10:80
   start_probe lb host 10.201.0.241:80
   sleep 2
@@ -325,10 +343,10 @@ scenario_backend_kill() {
   done
   # During the kills: failures only for connections in flight (2 workers x 2 probes x 2 kills).
   for p in clusterip lb; do
-    r=$(stop_probe "$p"); read -r ok failed p99 max <<<"$r"
-    figures+=" during_${p}_ok=$ok during_${p}_failed=$failed during_${p}_max_ms=$max"
-    [ "$failed" != missing ] && [ "$failed" -le 4 ] \
-      || violation "no failure beyond the requests in flight on killed backends ($p): $failed"
+    stop_probe "$p"
+    figures+=" during_${p}_ok=$p_ok during_${p}_failed=$p_failed during_${p}_max_ms=$p_max"
+    [ "$p_failed" != missing ] && [ "$p_failed" -le 4 ] \
+      || violation "no failure beyond the requests in flight on killed backends ($p): $p_failed"
   done
   # With backend-2 and -3 unready, everything goes to backend-1.
   start_probe clusterip client 10.96.0.10:80
