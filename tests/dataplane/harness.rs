@@ -71,7 +71,7 @@ impl Control {
             .args(["--listen", listen])
             .args(["--service-cidr", &net.service_cidr])
             .args(["--lb-pool", &net.lb_pool])
-            .env("STRAIT_LOG", "warn")
+            .env("STRAIT_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -183,7 +183,7 @@ impl Node {
         Command::new(BIN)
             .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
             .args(args)
-            .env("STRAIT_LOG", "warn")
+            .env("STRAIT_LOG", "error")
             // The forwarding paths are under test, not cluster DNS.
             .env("STRAIT_DNS_LISTEN", "off")
             .stdout(Stdio::null())
