@@ -7,7 +7,8 @@
 set -euo pipefail
 : "${STRAIT_BIN:?path to the strait binary}"
 : "${LISTEN_HOST:?}" "${LISTEN_PORT:?}" "${UPSTREAM_HOST:?}" "${UPSTREAM_PORT:?}"
-dir="$(mktemp -d "${TMPDIR:-/tmp}/strait-bench.XXXXXX")"
+# Kept with the results when the harness gives a RUNDIR.
+dir="$(mktemp -d "${RUNDIR:-${TMPDIR:-/tmp}}/strait-manifest.XXXXXX")"
 cat > "$dir/services.yaml" <<YAML
 apiVersion: v1
 kind: Service
