@@ -244,12 +244,31 @@ fn half_close_keeps_the_other_direction_open() {
     assert!(back == msg, "echoed {} of {} bytes", back.len(), msg.len());
 }
 
-/// Whether `data_dir/state.pb` mentions `needle` (a Service name): the agent
-/// persisted a state that has it.
-fn persisted(data_dir: &std::path::Path, needle: &str) -> bool {
-    std::fs::read(data_dir.join("state.pb"))
-        .map(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
-        .unwrap_or(false)
+/// How many ready endpoints the agent's persisted state (`data_dir/state.pb`)
+/// holds for Service `service`. The agent persists at most once a second,
+/// so an early file may hold the Service before its endpoints.
+fn persisted_ready_endpoints(data_dir: &std::path::Path, service: &str) -> usize {
+    use prost::Message;
+    use strait_proto::v1::{ListResponse, object::Kind};
+    let Ok(bytes) = std::fs::read(data_dir.join("state.pb")) else {
+        return 0;
+    };
+    let list = ListResponse::decode(bytes.as_slice()).expect("state.pb decodes");
+    list.items
+        .iter()
+        .filter_map(|o| match &o.kind {
+            Some(Kind::EndpointSlice(s)) => Some(s),
+            _ => None,
+        })
+        .filter(|s| {
+            s.metadata
+                .as_ref()
+                .and_then(|m| m.labels.get("kubernetes.io/service-name"))
+                == Some(&service.to_string())
+        })
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .count()
 }
 
 #[test]
@@ -268,8 +287,8 @@ fn control_plane_outage_and_agent_restart_keep_traffic_flowing() {
     let addr = cluster_addr(&control, "steady");
     wait_forwarding(&addr, &["o1", "o2"]);
     let (mut kept, _) = greeting(&addr).expect("long-lived connection");
-    eventually("the agent to persist its state", || {
-        persisted(&node_dir, "steady").then_some(())
+    eventually("the agent to persist both endpoints", || {
+        (persisted_ready_endpoints(&node_dir, "steady") == 2).then_some(())
     });
 
     // Control plane down: open connections and new ones keep working.
