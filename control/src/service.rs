@@ -135,7 +135,12 @@ fn default(svc: &mut Service, old: Option<&Service>) {
                 }
             }
         }
-        if spec.health_check_node_port == 0 {
+        // Kept only while still needed: switching to externalTrafficPolicy
+        // Cluster (or another type) releases it, as the apiserver does.
+        if spec.health_check_node_port == 0
+            && spec.r#type == "LoadBalancer"
+            && spec.external_traffic_policy == "Local"
+        {
             spec.health_check_node_port = old.health_check_node_port;
         }
     }
@@ -639,6 +644,31 @@ mod tests {
             port: p,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn health_check_node_port_kept_while_local_released_when_cluster() {
+        let lb = |policy: &str| {
+            svc(ServiceSpec {
+                r#type: "LoadBalancer".into(),
+                external_traffic_policy: policy.into(),
+                ports: vec![port(80)],
+                ..Default::default()
+            })
+        };
+        let first = plan(lb("Local"), None, &alloc()).expect("valid");
+        let hc = first.spec.as_ref().expect("spec").health_check_node_port;
+        assert_ne!(hc, 0);
+        let again = plan(lb("Local"), Some(&first), &alloc()).expect("re-apply");
+        assert_eq!(
+            again.spec.as_ref().expect("spec").health_check_node_port,
+            hc
+        );
+        let cluster = plan(lb("Cluster"), Some(&first), &alloc()).expect("to Cluster");
+        assert_eq!(
+            cluster.spec.as_ref().expect("spec").health_check_node_port,
+            0
+        );
     }
 
     #[test]

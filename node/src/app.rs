@@ -15,6 +15,7 @@ use crate::drain::Drain;
 use crate::listeners::{self, Listeners};
 use crate::metrics::Metrics;
 use crate::routes::{RouteCapture, RouteError};
+use crate::service_health;
 use crate::state::NodeState;
 use crate::watch::{self as watcher, Registration, WatchError, Watcher};
 
@@ -144,6 +145,13 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         None => None,
     };
     let listeners = listeners::spawn(&cfg, state.clone(), &drain, metrics.clone());
+    service_health::spawn(
+        cfg.name.clone(),
+        cfg.node_ip,
+        state.clone(),
+        &drain,
+        metrics.clone(),
+    );
     Ok(Bound {
         state,
         listeners,

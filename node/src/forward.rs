@@ -60,13 +60,29 @@ pub struct Route {
     pub service: Arc<ServiceInfo>,
     /// Index into `service.ports`.
     pub port: usize,
-    pub external: bool,
+    pub via: Via,
+}
+
+/// Which of a Service's addresses a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+impl Via {
+    /// NodePort and LoadBalancer traffic follows externalTrafficPolicy;
+    /// ClusterIP traffic follows internalTrafficPolicy.
+    pub fn is_external(self) -> bool {
+        self != Via::ClusterIp
+    }
 }
 
 impl Route {
     /// The endpoints new connections may go to, by Kubernetes' rules.
     pub fn usable_endpoints<'a>(&'a self, node_name: &str) -> Vec<&'a Endpoint> {
-        let local_only = if self.external {
+        let local_only = if self.via.is_external() {
             self.service.external_local
         } else {
             self.service.internal_local
@@ -223,6 +239,17 @@ impl Forwarder {
         };
         conn.transferred(t.client_to_upstream, t.upstream_to_client);
         Ok(result?)
+    }
+
+    /// Counts a connection reset for coming from outside the Service's
+    /// `loadBalancerSourceRanges`.
+    pub fn denied_by_source_range(&self, route: &Route) {
+        let pkey: PortKey = (route.service.key.clone(), route.port_number());
+        self.metrics
+            .proxy
+            .port(&pkey, || route.port_label())
+            .denied
+            .inc();
     }
 
     /// Connects to an endpoint of `route`, trying up to [`MAX_ATTEMPTS`]
@@ -436,9 +463,15 @@ mod tests {
                 headless: false,
                 external_name: None,
                 addresses: Arc::new([]),
+                source_ranges: None,
+                health_check_node_port: None,
             }),
             port: 0,
-            external,
+            via: if external {
+                Via::NodePort
+            } else {
+                Via::ClusterIp
+            },
         }
     }
 

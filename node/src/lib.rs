@@ -15,6 +15,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod pods;
 pub mod routes;
+pub mod service_health;
 pub mod splice;
 pub mod state;
 pub mod watch;

@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::forward::{self, Forwarder, ProxyError, Route};
+use crate::forward::{self, Forwarder, ProxyError, Route, Via};
 use crate::metrics::Metrics;
 use crate::state::NodeState;
 
@@ -60,11 +60,11 @@ pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
             if !port.is_tcp() {
                 continue;
             }
-            let mut add = |addr: SocketAddr, external: bool| {
+            let mut add = |addr: SocketAddr, via: Via| {
                 let route = Route {
                     service: svc.clone(),
                     port: i,
-                    external,
+                    via,
                 };
                 if let Some(other) = table.get(&addr) {
                     warn!(
@@ -77,14 +77,14 @@ pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
                     table.insert(addr, route);
                 }
             };
-            add(SocketAddr::new(cluster_ip, port.port), false);
+            add(SocketAddr::new(cluster_ip, port.port), Via::ClusterIp);
             if svc.has_node_ports()
                 && let Some(np) = port.node_port
             {
-                add(SocketAddr::new(node_ip, np), true);
+                add(SocketAddr::new(node_ip, np), Via::NodePort);
             }
             for ip in &svc.lb_ips {
-                add(SocketAddr::new(*ip, port.port), true);
+                add(SocketAddr::new(*ip, port.port), Via::LoadBalancer);
             }
         }
     }
@@ -208,7 +208,7 @@ impl Reconciler {
             match bind(*addr) {
                 Ok(listener) => {
                     self.failed.remove(addr);
-                    info!(%addr, service = %route.service.key, external = route.external, "listener bound");
+                    info!(%addr, service = %route.service.key, via = ?route.via, "listener bound");
                     let token = self.drain.stop_token().child_token();
                     let handle = self.drain.tracker().spawn(accept_loop(
                         listener,
@@ -294,6 +294,15 @@ async fn accept_loop(
             forward::reset(&stream);
             continue;
         };
+        if route.via == Via::LoadBalancer && !route.service.allows_source(peer.ip()) {
+            // kube-proxy drops such packets; past accept, a reset is the
+            // closest a userspace proxy gets.
+            debug!(client = %peer, listener = %addr, service = %route.service.key,
+                "client outside loadBalancerSourceRanges");
+            forwarder.denied_by_source_range(&route);
+            forward::reset(&stream);
+            continue;
+        }
         let span = tracing::debug_span!(
             "conn",
             id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),

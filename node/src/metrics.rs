@@ -101,6 +101,9 @@ pub struct PortHandles {
     pub retries: Counter,
     /// Connections reset because no endpoint was usable or every attempt failed.
     pub refused: Counter,
+    /// Connections to a LoadBalancer IP reset: client outside
+    /// `loadBalancerSourceRanges`.
+    pub denied: Counter,
     endpoints: DashMap<SocketAddr, Arc<EndpointHandles>>,
     families: Arc<EndpointFamilies>,
 }
@@ -182,6 +185,7 @@ pub struct ProxyMetrics {
     families: Arc<EndpointFamilies>,
     retries: Family<PortLabels, Counter>,
     refused: Family<PortLabels, Counter>,
+    denied: Family<PortLabels, Counter>,
     ports: DashMap<PortKey, Arc<PortHandles>>,
 }
 
@@ -246,9 +250,11 @@ impl ProxyMetrics {
             .or_insert_with(|| {
                 let retries = self.retries.get_or_create(&labels).clone();
                 let refused = self.refused.get_or_create(&labels).clone();
+                let denied = self.denied.get_or_create(&labels).clone();
                 Arc::new(PortHandles {
                     retries,
                     refused,
+                    denied,
                     labels,
                     endpoints: DashMap::new(),
                     families: self.families.clone(),
@@ -274,6 +280,7 @@ impl ProxyMetrics {
             if !keep {
                 self.retries.remove(&port.labels);
                 self.refused.remove(&port.labels);
+                self.denied.remove(&port.labels);
             }
             keep
         });
@@ -370,6 +377,11 @@ impl Metrics {
             "strait_proxy_connections_refused",
             "Accepted connections reset: no usable endpoint, or every attempt failed",
             proxy.refused.clone(),
+        );
+        registry.register(
+            "strait_proxy_connections_denied",
+            "Connections to a LoadBalancer IP reset: client outside loadBalancerSourceRanges",
+            proxy.denied.clone(),
         );
         let m = Self {
             registry: Registry::default(),

@@ -10,6 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use strait_proto::v1::{
     EndpointSlice, EventType, ListResponse, Object, Service, ServicePort, WatchResponse, object,
 };
@@ -122,11 +124,36 @@ pub struct ServiceInfo {
     pub external_name: Option<String>,
     /// Every endpoint address across the Service's slices, sorted by IP.
     pub addresses: Arc<[EndpointAddress]>,
+    /// `loadBalancerSourceRanges` (LoadBalancer only): when set, only
+    /// clients inside one of them may connect through a LoadBalancer IP.
+    pub source_ranges: Option<Arc<[IpNet]>>,
+    /// `healthCheckNodePort` (LoadBalancer with externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServiceInfo {
     pub fn has_node_ports(&self) -> bool {
         matches!(self.service_type.as_str(), "NodePort" | "LoadBalancer")
+    }
+
+    /// Whether `client` may connect through a LoadBalancer IP.
+    pub fn allows_source(&self, client: IpAddr) -> bool {
+        self.source_ranges
+            .as_ref()
+            .is_none_or(|ranges| ranges.iter().any(|r| r.contains(&client)))
+    }
+
+    /// Ready endpoint addresses on node `node_name`, across all ports: the
+    /// `localEndpoints` of kube-proxy's service health check.
+    pub fn local_ready_endpoints(&self, node_name: &str) -> usize {
+        let local: BTreeSet<IpAddr> = self
+            .ports
+            .iter()
+            .flat_map(|p| p.endpoints.iter())
+            .filter(|e| e.ready && e.node_name.as_deref() == Some(node_name))
+            .map(|e| e.addr.ip())
+            .collect();
+        local.len()
     }
 }
 
@@ -404,6 +431,19 @@ fn derive(key: ServiceKey, svc: &Service, slices: &[&EndpointSlice]) -> ServiceI
         .then(|| spec.external_name.trim_end_matches('.').to_string())
         .filter(|n| !n.is_empty());
     let addresses = endpoint_addresses(slices, spec.publish_not_ready_addresses);
+    let is_lb = service_type == "LoadBalancer";
+    // The control plane validated the ranges; one that still fails to parse
+    // (a state persisted by another version) is dropped: it admits nobody.
+    let source_ranges = (is_lb && !spec.load_balancer_source_ranges.is_empty()).then(|| {
+        spec.load_balancer_source_ranges
+            .iter()
+            .filter_map(|r| r.trim().parse::<IpNet>().ok())
+            .collect()
+    });
+    let external_local = spec.external_traffic_policy == "Local";
+    let health_check_node_port = u16::try_from(spec.health_check_node_port)
+        .ok()
+        .filter(|p| *p != 0 && is_lb && external_local);
     ServiceInfo {
         key,
         service_type,
@@ -411,12 +451,14 @@ fn derive(key: ServiceKey, svc: &Service, slices: &[&EndpointSlice]) -> ServiceI
         lb_ips,
         ports,
         affinity,
-        external_local: spec.external_traffic_policy == "Local",
+        external_local,
         internal_local: spec.internal_traffic_policy == "Local",
         cluster_ips,
         headless,
         external_name,
         addresses,
+        source_ranges,
+        health_check_node_port,
     }
 }
 

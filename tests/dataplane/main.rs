@@ -317,3 +317,99 @@ fn control_plane_outage_and_agent_restart_keep_traffic_flowing() {
     wait_forwarding(&cluster_addr(&control, "late"), &["late"]);
     wait_forwarding(&addr, &["o1", "o2"]);
 }
+
+/// Status code and body of `GET /` on `addr`.
+fn http_get(addr: &str) -> std::io::Result<(u16, serde_json::Value)> {
+    let mut s = connect(addr)?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let code = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {raw:?}")))?;
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
+    let json = serde_json::from_str(body)
+        .map_err(|e| std::io::Error::other(format!("body {body:?}: {e}")))?;
+    Ok((code, json))
+}
+
+/// Which backend a new connection through `addr` from source `src` reaches.
+fn who_from(addr: &str, src: &str) -> std::io::Result<String> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let src: std::net::SocketAddr = format!("{src}:0").parse().expect("source address");
+    sock.bind(&src.into())?;
+    let dst: std::net::SocketAddr = addr.parse().expect("address");
+    sock.connect_timeout(&dst.into(), std::time::Duration::from_secs(10))?;
+    let mut s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    read_line(&mut s)
+}
+
+#[test]
+fn external_local_health_check_and_source_ranges_follow_kube_proxy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(7);
+    let (control, _node) = cluster(dir.path(), &net);
+    let local = Backend::greeter("local");
+    let elsewhere = Backend::greeter("elsewhere");
+    let svc = service("edge", "LoadBalancer", "app: edge").replace(
+        "  ports:",
+        "  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [127.0.0.1/32]\n  ports:",
+    );
+    control.apply(&format!(
+        "{svc}{}{}",
+        pod(&local, "app: edge"),
+        pod(&elsewhere, "app: edge").replace("nodeName: node-1", "nodeName: node-2"),
+    ));
+    let spec = control.service("edge");
+    let hc_port = spec["spec"]["healthCheckNodePort"]
+        .as_i64()
+        .expect("healthCheckNodePort allocated");
+    let lb_ip = spec["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .expect("LB IP");
+    let hc = format!("{}:{hc_port}", net.node_ip);
+    let lb = format!("{lb_ip}:8080");
+
+    // One local ready endpoint (the other is on node-2): 200, count 1.
+    let body = eventually("the health check to answer 200", || {
+        http_get(&hc)
+            .ok()
+            .filter(|(c, _)| *c == 200)
+            .map(|(_, b)| b)
+    });
+    assert_eq!(body["service"]["name"], "edge", "{body}");
+    assert_eq!(body["service"]["namespace"], "default", "{body}");
+    assert_eq!(body["localEndpoints"], 1, "{body}");
+    assert_eq!(body["serviceProxyHealthy"], true, "{body}");
+
+    // Source ranges: 127.0.0.1 is inside, 127.0.0.2 is not. Local traffic
+    // policy: the node-2 endpoint never takes LB traffic here.
+    for i in 0..10 {
+        let got = who_from(&lb, "127.0.0.1").unwrap_or_else(|e| panic!("allowed client {i}: {e}"));
+        assert_eq!(got, "local", "connection {i} left the node");
+        assert!(
+            who_from(&lb, "127.0.0.2").is_err(),
+            "client outside loadBalancerSourceRanges got through"
+        );
+    }
+
+    // The local Pod goes away (terminating, so not ready): 503, count 0.
+    let out = control.cli(&["delete", "pod", "local"]);
+    assert!(out.status.success(), "{out:?}");
+    let body = eventually("the health check to answer 503", || {
+        http_get(&hc)
+            .ok()
+            .filter(|(c, _)| *c == 503)
+            .map(|(_, b)| b)
+    });
+    assert_eq!(body["localEndpoints"], 0, "{body}");
+
+    // Cluster policy: no health check port any more.
+    control.apply(&service("edge", "LoadBalancer", "app: edge"));
+    eventually("the health check port to close", || {
+        connect(&hc).is_err().then_some(())
+    });
+}
