@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::{Config, LbPolicy};
-use crate::metrics::{EndpointHandles, Metrics, OpenConnection};
+use crate::metrics::{EndpointHandles, Metrics, OpenConnection, PortKey};
 use crate::splice::{self, ForwardOptions};
 use crate::state::{Endpoint, NodeState, ServiceInfo, ServiceKey};
 
@@ -119,6 +119,16 @@ impl Route {
             .map(|p| p.port)
             .unwrap_or(0)
     }
+
+    /// The key of this service port for load balancing and metrics.
+    fn port_key(&self) -> PortKey {
+        let udp = self
+            .service
+            .ports
+            .get(self.port)
+            .is_some_and(|p| p.protocol == "UDP");
+        (self.service.key.clone(), self.port_number(), udp)
+    }
 }
 
 /// Per-backend counters shared by every listener.
@@ -168,7 +178,35 @@ impl Drop for ActiveGuard {
     }
 }
 
-type PortKey = (ServiceKey, u16);
+/// A UDP flow's endpoint, counted as one active connection (for
+/// least-connections and metrics) until dropped.
+pub struct FlowLease {
+    pub addr: SocketAddr,
+    conn: OpenConnection,
+    handles: Arc<EndpointHandles>,
+    active: ActiveGuard,
+}
+
+impl FlowLease {
+    /// Records the flow's bytes; called once, when it ends.
+    pub fn transferred(&self, to_endpoint: u64, to_client: u64) {
+        self.conn.transferred(to_endpoint, to_client);
+    }
+
+    /// The endpoint refused the flow (ICMP port unreachable): a connect
+    /// failure, towards ejection like a refused TCP connect.
+    pub fn refused(&self) {
+        self.handles.connect_failures.inc();
+        if self.active.0.failed(self.addr) {
+            self.handles.ejections.inc();
+        }
+    }
+
+    /// The endpoint answered: clears its failure count.
+    pub fn answered(&self) {
+        self.active.0.succeeded();
+    }
+}
 
 /// Picks endpoints and forwards connections; one per agent, shared by all
 /// listeners so load and health are per backend, not per listener.
@@ -244,12 +282,54 @@ impl Forwarder {
     /// Counts a connection reset for coming from outside the Service's
     /// `loadBalancerSourceRanges`.
     pub fn denied_by_source_range(&self, route: &Route) {
-        let pkey: PortKey = (route.service.key.clone(), route.port_number());
+        let pkey = route.port_key();
         self.metrics
             .proxy
             .port(&pkey, || route.port_label())
             .denied
             .inc();
+    }
+
+    /// Whether new traffic of `route` may still go to `addr` (a UDP flow
+    /// checks its endpoint when the Service's endpoints change).
+    pub fn still_usable(&self, route: &Route, addr: SocketAddr) -> bool {
+        route
+            .usable_endpoints(&self.node_name)
+            .iter()
+            .any(|e| e.addr == addr)
+    }
+
+    /// Chooses the endpoint of a new UDP flow from `peer`, by the same
+    /// rules as a TCP connection, skipping `avoid` (endpoints that just
+    /// refused this client). `None` when no endpoint is usable; the drop
+    /// is counted as refused.
+    pub fn lease_flow(
+        &self,
+        route: &Route,
+        peer: SocketAddr,
+        avoid: &[SocketAddr],
+    ) -> Option<FlowLease> {
+        let pkey = route.port_key();
+        let counters = self.metrics.proxy.port(&pkey, || route.port_label());
+        let endpoints = route.usable_endpoints(&self.node_name);
+        let Some(addr) = self.pick(&pkey, route.service.affinity, &endpoints, avoid, peer.ip())
+        else {
+            counters.refused.inc();
+            return None;
+        };
+        if route.service.affinity.is_some() {
+            self.affinity
+                .insert((pkey, peer.ip()), (addr, Instant::now()));
+        }
+        let stats = self.stats_for(addr);
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        let handles = counters.endpoint(addr);
+        Some(FlowLease {
+            addr,
+            conn: OpenConnection::new(handles.clone()),
+            handles,
+            active: ActiveGuard(stats),
+        })
     }
 
     /// Connects to an endpoint of `route`, trying up to [`MAX_ATTEMPTS`]
@@ -263,7 +343,7 @@ impl Forwarder {
         let service = &route.service.key;
         let port = route.port_number();
         let endpoints = route.usable_endpoints(&self.node_name);
-        let pkey: PortKey = (service.clone(), port);
+        let pkey = route.port_key();
         let counters = self.metrics.proxy.port(&pkey, || route.port_label());
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
         let mut last_err = None;
@@ -402,17 +482,17 @@ impl Forwarder {
         self.stats
             .retain(|a, s| live.contains(a) || s.active.load(Ordering::Relaxed) > 0);
         let now = Instant::now();
-        self.affinity.retain(|((key, _), _), (addr, last)| {
+        self.affinity.retain(|((key, _, _), _), (addr, last)| {
             let timeout = state.service(key).and_then(|s| s.affinity);
             live.contains(addr) && timeout.is_some_and(|t| now.duration_since(*last) < t)
         });
         self.round_robin
-            .retain(|(key, _), _| state.service(key).is_some());
-        self.metrics.proxy.retain(|(key, port), ep| {
+            .retain(|(key, _, _), _| state.service(key).is_some());
+        self.metrics.proxy.retain(|(key, port, udp), ep| {
             state.service(key).is_some_and(|s| {
                 s.ports
                     .iter()
-                    .filter(|p| p.port == *port)
+                    .filter(|p| p.port == *port && (p.protocol == "UDP") == *udp)
                     .any(|p| ep.is_none_or(|a| p.endpoints.iter().any(|e| e.addr == a)))
             })
         });
@@ -525,7 +605,7 @@ mod tests {
         let fwd = Forwarder::new(&Config::default());
         let eps = [ep(1, true, true, false, "a"), ep(2, true, true, false, "a")];
         let refs: Vec<&Endpoint> = eps.iter().collect();
-        let key = (ServiceKey::new("default", "web"), 80);
+        let key = (ServiceKey::new("default", "web"), 80, false);
         let client: IpAddr = [127, 0, 0, 1].into();
         fwd.stats_for(eps[0].addr)
             .active
@@ -557,7 +637,7 @@ mod tests {
         let fwd = Forwarder::new(&cfg);
         let eps = [ep(1, true, true, false, "a"), ep(2, true, true, false, "a")];
         let refs: Vec<&Endpoint> = eps.iter().collect();
-        let key = (ServiceKey::new("default", "web"), 80);
+        let key = (ServiceKey::new("default", "web"), 80, false);
         let client: IpAddr = [127, 0, 0, 1].into();
         let seq: Vec<_> = (0..4)
             .map(|_| fwd.pick(&key, None, &refs, &[], client).expect("pick"))

@@ -18,6 +18,7 @@ pub mod routes;
 pub mod service_health;
 pub mod splice;
 pub mod state;
+pub mod udp;
 pub mod watch;
 
 pub use app::{AppError, Bound, build};

@@ -1,6 +1,6 @@
-//! Keeps one TCP listener per address a Service is reachable at on this
-//! node (ClusterIP:port, node IP:nodePort, LB ingress IP:port), reconciled
-//! to every new state. Listeners resolve their route at accept time from the
+//! Keeps one listener per address a Service is reachable at on this node
+//! (ClusterIP:port, node IP:nodePort, LB ingress IP:port; a TCP listener or
+//! a UDP socket as the port's protocol says), reconciled to every new state. Listeners resolve their route at accept time from the
 //! latest route table, so endpoint changes need no rebinding, and removing
 //! a listener only stops accepting: connections it accepted keep running.
 
@@ -23,6 +23,7 @@ use crate::drain::Drain;
 use crate::forward::{self, Forwarder, ProxyError, Route, Via};
 use crate::metrics::Metrics;
 use crate::state::NodeState;
+use crate::udp;
 
 /// How often addresses that failed to bind are retried.
 const BIND_RETRY: Duration = Duration::from_secs(5);
@@ -32,8 +33,18 @@ const BACKLOG: i32 = 1024;
 
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// The transport of a listener. SCTP ports get none (not supported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// A listener: its transport and address.
+pub type ListenKey = (Proto, SocketAddr);
+
 /// Listener addresses and where each leads.
-pub type RouteTable = BTreeMap<SocketAddr, Route>;
+pub type RouteTable = BTreeMap<ListenKey, Route>;
 
 /// Errors binding a listener.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +58,10 @@ pub enum ListenError {
     },
 }
 
-/// The addresses a state asks this node to listen on: every TCP port of
-/// every Service with a ClusterIP; NodePort and LoadBalancer Services also
-/// on `node_ip:nodePort`; LoadBalancer Services on each ingress IP.
+/// The addresses a state asks this node to listen on: every TCP and UDP
+/// port of every Service with a ClusterIP; NodePort and LoadBalancer
+/// Services also on `node_ip:nodePort`; LoadBalancer Services on each
+/// ingress IP.
 pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
     let mut table = RouteTable::new();
     for svc in state.services() {
@@ -57,10 +69,13 @@ pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
             continue;
         };
         for (i, port) in svc.ports.iter().enumerate() {
-            if !port.is_tcp() {
-                continue;
-            }
+            let proto = match port.protocol.as_str() {
+                "TCP" => Proto::Tcp,
+                "UDP" => Proto::Udp,
+                _ => continue,
+            };
             let mut add = |addr: SocketAddr, via: Via| {
+                let addr = (proto, addr);
                 let route = Route {
                     service: svc.clone(),
                     port: i,
@@ -68,7 +83,8 @@ pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
                 };
                 if let Some(other) = table.get(&addr) {
                     warn!(
-                        %addr,
+                        addr = %addr.1,
+                        protocol = ?addr.0,
                         service = %svc.key,
                         owner = %other.service.key,
                         "address claimed by two services, keeping the first"
@@ -94,18 +110,27 @@ pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
 /// Handle on the running listener set.
 #[derive(Debug, Clone)]
 pub struct Listeners {
-    bound: watch::Receiver<Arc<BTreeSet<SocketAddr>>>,
+    bound: watch::Receiver<Arc<BTreeSet<ListenKey>>>,
 }
 
 impl Listeners {
-    /// The addresses currently listening.
+    /// The addresses with a TCP listener right now.
     pub fn bound(&self) -> Vec<SocketAddr> {
-        self.bound.borrow().iter().copied().collect()
+        self.bound_of(Proto::Tcp)
     }
 
-    /// Changes whenever the bound set changes.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<BTreeSet<SocketAddr>>> {
-        self.bound.clone()
+    /// The addresses with a UDP socket right now.
+    pub fn bound_udp(&self) -> Vec<SocketAddr> {
+        self.bound_of(Proto::Udp)
+    }
+
+    fn bound_of(&self, proto: Proto) -> Vec<SocketAddr> {
+        self.bound
+            .borrow()
+            .iter()
+            .filter(|(p, _)| *p == proto)
+            .map(|(_, a)| *a)
+            .collect()
     }
 }
 
@@ -141,11 +166,11 @@ struct Reconciler {
     metrics: Arc<Metrics>,
     state: watch::Receiver<Arc<NodeState>>,
     routes_tx: watch::Sender<Arc<RouteTable>>,
-    bound_tx: watch::Sender<Arc<BTreeSet<SocketAddr>>>,
+    bound_tx: watch::Sender<Arc<BTreeSet<ListenKey>>>,
     drain: Drain,
-    active: HashMap<SocketAddr, (CancellationToken, JoinHandle<()>)>,
+    active: HashMap<ListenKey, (CancellationToken, JoinHandle<()>)>,
     /// Addresses that failed to bind, warned about once until they bind.
-    failed: HashSet<SocketAddr>,
+    failed: HashSet<ListenKey>,
 }
 
 impl Reconciler {
@@ -185,45 +210,55 @@ impl Reconciler {
         self.routes_tx.send_replace(table.clone());
         self.forwarder.gc(state);
 
-        let gone: Vec<SocketAddr> = self
+        let gone: Vec<ListenKey> = self
             .active
             .keys()
             .filter(|a| !table.contains_key(a))
             .copied()
             .collect();
-        for addr in gone {
-            if let Some((token, handle)) = self.active.remove(&addr) {
+        for key in gone {
+            if let Some((token, handle)) = self.active.remove(&key) {
                 token.cancel();
                 // The socket must be closed before the address can be bound again.
                 let _ = handle.await;
-                info!(%addr, "listener closed");
+                info!(addr = %key.1, protocol = ?key.0, "listener closed");
             }
         }
         self.failed.retain(|a| table.contains_key(a));
 
-        for (addr, route) in table.iter() {
-            if self.active.contains_key(addr) {
+        for (key, route) in table.iter() {
+            if self.active.contains_key(key) {
                 continue;
             }
-            match bind(*addr) {
-                Ok(listener) => {
-                    self.failed.remove(addr);
-                    info!(%addr, service = %route.service.key, via = ?route.via, "listener bound");
-                    let token = self.drain.stop_token().child_token();
-                    let handle = self.drain.tracker().spawn(accept_loop(
-                        listener,
-                        *addr,
-                        token.clone(),
-                        self.routes_tx.subscribe(),
-                        self.forwarder.clone(),
-                        self.drain.clone(),
-                    ));
-                    self.active.insert(*addr, (token, handle));
+            let (proto, addr) = *key;
+            let token = self.drain.stop_token().child_token();
+            let routes = self.routes_tx.subscribe();
+            let (forwarder, drain) = (self.forwarder.clone(), self.drain.clone());
+            let started = match proto {
+                Proto::Tcp => bind(addr).map(|listener| {
+                    let serve =
+                        accept_loop(listener, addr, token.clone(), routes, forwarder, drain);
+                    self.drain.tracker().spawn(serve)
+                }),
+                Proto::Udp => udp::bind(addr)
+                    .map_err(|source| ListenError::Bind { addr, source })
+                    .map(|socket| {
+                        let serve =
+                            udp::serve(socket, addr, token.clone(), routes, forwarder, drain);
+                        self.drain.tracker().spawn(serve)
+                    }),
+            };
+            match started {
+                Ok(handle) => {
+                    self.failed.remove(key);
+                    info!(%addr, protocol = ?proto, service = %route.service.key, via = ?route.via, "listener bound");
+                    self.active.insert(*key, (token, handle));
                 }
                 Err(e) => {
-                    if self.failed.insert(*addr) {
+                    if self.failed.insert(*key) {
                         warn!(
                             %addr,
+                            protocol = ?proto,
                             service = %route.service.key,
                             error = %e,
                             "cannot listen; is the address local on this node (route capture)? retrying"
@@ -232,7 +267,7 @@ impl Reconciler {
                 }
             }
         }
-        let bound: BTreeSet<SocketAddr> = self.active.keys().copied().collect();
+        let bound: BTreeSet<ListenKey> = self.active.keys().copied().collect();
         self.metrics.set_listeners(bound.len());
         self.metrics.programmed(state.revision());
         self.bound_tx.send_if_modified(|cur| {
@@ -289,7 +324,7 @@ async fn accept_loop(
                 }
             }
         };
-        let route = routes.borrow().get(&addr).cloned();
+        let route = routes.borrow().get(&(Proto::Tcp, addr)).cloned();
         let Some(route) = route else {
             forward::reset(&stream);
             continue;

@@ -89,9 +89,9 @@ struct ProbeLabels {
     result: &'static str,
 }
 
-/// A service port: the Service and the port number (as the forwarder
-/// keys it).
-pub type PortKey = (ServiceKey, u16);
+/// A service port: Service, port number, and whether it is UDP (a TCP and
+/// a UDP port may share a number).
+pub type PortKey = (ServiceKey, u16, bool);
 
 /// Counters of one service port, and the handles of its endpoints.
 #[derive(Debug)]
@@ -643,7 +643,7 @@ mod tests {
     #[test]
     fn proxy_series_are_forgotten_with_their_endpoints() {
         let m = Metrics::default();
-        let key: PortKey = (ServiceKey::new("default", "web"), 80);
+        let key: PortKey = (ServiceKey::new("default", "web"), 80, false);
         let ep: SocketAddr = ([10, 0, 0, 1], 80).into();
         {
             let port = m.proxy.port(&key, || "http".into());

@@ -413,3 +413,133 @@ fn external_local_health_check_and_source_ranges_follow_kube_proxy() {
         connect(&hc).is_err().then_some(())
     });
 }
+
+/// A UDP backend answering each datagram with `name:payload`; dropped, it
+/// closes its socket (later datagrams get ICMP port unreachable).
+struct UdpBackend {
+    name: String,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpBackend {
+    fn start(name: &str) -> UdpBackend {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp backend");
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .expect("timeout");
+        let port = socket.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (n, s) = (name.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    let mut reply = format!("{n}:").into_bytes();
+                    reply.extend_from_slice(&buf[..len]);
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+        });
+        UdpBackend {
+            name: name.to_string(),
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn pod(&self, labels: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n\
+             spec:\n  nodeName: node-1\n  containers:\n  - name: c\n    ports: [{{name: dns, containerPort: {port}, protocol: UDP}}]\n\
+             status: {{podIP: 127.0.0.1}}\n---\n",
+            name = self.name,
+            port = self.port,
+        )
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client socket connected to `addr` (so only replies from `addr` count).
+fn udp_client(addr: &str) -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind client");
+    s.connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .expect("timeout");
+    s
+}
+
+/// Sends `payload` and returns the backend name of the reply, if one came.
+fn udp_ask(s: &std::net::UdpSocket, payload: &str) -> Option<String> {
+    s.send(payload.as_bytes()).ok()?;
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf).ok()?;
+    let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+    let (name, echoed) = reply.split_once(':')?;
+    (echoed == payload).then(|| name.to_string())
+}
+
+#[test]
+fn udp_services_balance_flows_and_move_off_a_dead_endpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new(8);
+    let (control, _node) = cluster(dir.path(), &net);
+    let u1 = UdpBackend::start("u1");
+    let mut u2 = Some(UdpBackend::start("u2"));
+    let u2_pod = u2.as_ref().expect("u2").pod("app: resolver");
+    control.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: resolver}}\n\
+         spec:\n  type: NodePort\n  selector: {{app: resolver}}\n  ports: [{{name: dns, port: 8053, protocol: UDP, targetPort: dns}}]\n---\n{}{u2_pod}",
+        u1.pod("app: resolver"),
+    ));
+    let svc = control.service("resolver");
+    let ip = svc["spec"]["clusterIP"].as_str().expect("clusterIP");
+    let node_port = svc["spec"]["ports"][0]["nodePort"]
+        .as_i64()
+        .expect("nodePort");
+    let vip = format!("{ip}:8053");
+
+    // Every flow reaches a backend; flows (client ports) spread over both;
+    // a flow sticks to its backend.
+    let mut seen = std::collections::BTreeSet::new();
+    eventually(
+        "UDP flows through the ClusterIP to reach both backends",
+        || {
+            let c = udp_client(&vip);
+            let first = udp_ask(&c, "q0")?;
+            for i in 1..5 {
+                assert_eq!(
+                    udp_ask(&c, &format!("q{i}")).as_deref(),
+                    Some(first.as_str()),
+                    "flow moved"
+                );
+            }
+            seen.insert(first);
+            (seen.len() == 2).then_some(())
+        },
+    );
+    let np = format!("{}:{node_port}", net.node_ip);
+    eventually("the NodePort to answer over UDP", || {
+        udp_ask(&udp_client(&np), "np")
+    });
+
+    // A flow on u2, then u2 dies: the client's retries move to u1.
+    let c = eventually("a flow on u2", || {
+        let c = udp_client(&vip);
+        (udp_ask(&c, "hello")? == "u2").then_some(c)
+    });
+    u2.take();
+    eventually("the flow to move to u1 after u2 closed", || {
+        (udp_ask(&c, "retry")? == "u1").then_some(())
+    });
+}
