@@ -288,6 +288,18 @@ proptest! {
         check_reply(&out, &outcome)?;
     }
 
+    /// Upstream replies are untrusted too: finding and aging their TTLs
+    /// never panics and never touches bytes outside the message.
+    #[test]
+    fn random_replies_age_without_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..600), age in any::<u32>()) {
+        let len = bytes.len();
+        if let Some(offsets) = wire::ttl_offsets(&bytes) {
+            prop_assert!(offsets.iter().all(|o| o + 4 <= len));
+            wire::age_ttls(&mut bytes, &offsets, age);
+        }
+        prop_assert_eq!(bytes.len(), len);
+    }
+
     /// Valid queries with bytes flipped or cut reach deeper into the parser.
     #[test]
     fn mutated_queries_never_panic(

@@ -72,6 +72,9 @@ impl CacheKey {
 #[derive(Debug)]
 struct Cached {
     reply: Box<[u8]>,
+    /// Where the reply's TTLs are, to age them on every hit.
+    ttls: Box<[usize]>,
+    stored: Instant,
     expires: Instant,
 }
 
@@ -96,17 +99,24 @@ impl Upstreams {
         self.servers.is_empty()
     }
 
-    /// Writes a cached answer to `req` into `out`, if there is a fresh one.
+    /// Writes a cached answer to `req` into `out`, if there is a fresh
+    /// one, its TTLs lowered by the time it has spent in the cache.
     pub fn cached(&self, req: &Request<'_>, out: &mut Vec<u8>) -> bool {
+        self.cached_at(req, out, Instant::now())
+    }
+
+    fn cached_at(&self, req: &Request<'_>, out: &mut Vec<u8>, now: Instant) -> bool {
         let key = CacheKey::of(req);
         let Ok(cache) = self.cache.lock() else {
             return false;
         };
-        let Some(hit) = cache.get(&key).filter(|c| c.expires > Instant::now()) else {
+        let Some(hit) = cache.get(&key).filter(|c| c.expires > now) else {
             return false;
         };
         out.clear();
         out.extend_from_slice(&hit.reply);
+        let age = u32::try_from(now.duration_since(hit.stored).as_secs()).unwrap_or(u32::MAX);
+        wire::age_ttls(out, &hit.ttls, age);
         patch(out, req);
         true
     }
@@ -165,14 +175,14 @@ impl Upstreams {
     }
 
     fn store(&self, req: &Request<'_>, reply: &[u8]) {
-        let Some(ttl) = cache_ttl(reply) else {
+        let (Some(ttl), Some(ttls)) = (cache_ttl(reply), wire::ttl_offsets(reply)) else {
             return;
         };
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
+        let now = Instant::now();
         if cache.len() >= CACHE_ENTRIES {
-            let now = Instant::now();
             cache.retain(|_, c| c.expires > now);
             if cache.len() >= CACHE_ENTRIES {
                 cache.clear();
@@ -182,7 +192,9 @@ impl Upstreams {
             CacheKey::of(req),
             Cached {
                 reply: reply.into(),
-                expires: Instant::now() + Duration::from_secs(u64::from(ttl)),
+                ttls: ttls.into(),
+                stored: now,
+                expires: now + Duration::from_secs(u64::from(ttl)),
             },
         );
     }
@@ -320,6 +332,49 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, std::net::AddrParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_hits_carry_aged_ttls_and_keep_edns_flags() {
+        use hickory_proto::op::{Edns, OpCode, Query};
+        use hickory_proto::rr::{Name, Record, RecordType, rdata::A};
+        use std::str::FromStr;
+
+        let name = Name::from_str("example.org.").expect("name");
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232).set_dnssec_ok(true);
+        let mut q = Message::query();
+        q.add_query(Query::query(name.clone(), RecordType::A));
+        q.set_edns(edns.clone());
+        let query = q.to_vec().expect("query");
+        let mut r = Message::response(q.metadata.id, OpCode::Query);
+        r.add_query(Query::query(name.clone(), RecordType::A));
+        r.add_answer(Record::from_rdata(
+            name.clone(),
+            60,
+            RData::A(A::new(192, 0, 2, 1)),
+        ));
+        r.add_answer(Record::from_rdata(name, 90, RData::A(A::new(192, 0, 2, 2))));
+        r.set_edns(edns);
+        let reply = r.to_vec().expect("reply");
+
+        let wire::Parsed::Query(req) = wire::parse(&query) else {
+            panic!("query parses");
+        };
+        let up = Upstreams::new(Vec::new());
+        up.store(&req, &reply);
+        let mut out = Vec::new();
+        let later = Instant::now() + Duration::from_secs(25);
+        assert!(up.cached_at(&req, &mut out, later), "fresh entry");
+        let m = Message::from_vec(&out).expect("cached reply decodes");
+        let ttls: Vec<u32> = m.answers.iter().map(|r| r.ttl).collect();
+        assert_eq!(ttls, vec![35, 65]);
+        let e = m.edns.expect("OPT kept");
+        assert!(e.flags().dnssec_ok, "OPT flags untouched");
+        assert_eq!(e.max_payload(), 1232);
+        // Past the smallest TTL the entry is gone.
+        let expired = Instant::now() + Duration::from_secs(61);
+        assert!(!up.cached_at(&req, &mut out, expired));
+    }
 
     #[test]
     fn reads_resolv_conf() {

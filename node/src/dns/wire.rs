@@ -163,6 +163,43 @@ fn skip_name(p: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
+/// The offsets of the TTL fields of every record in a reply (answer,
+/// authority and additional sections; not the OPT pseudo-record, whose TTL
+/// field holds EDNS flags). `None` when the message does not parse.
+pub fn ttl_offsets(p: &[u8]) -> Option<Vec<usize>> {
+    let count = |at| u16_at(p, at).map(usize::from);
+    let questions = count(4)?;
+    let records = count(6)? + count(8)? + count(10)?;
+    let mut at = HEADER_LEN;
+    for _ in 0..questions {
+        at = skip_name(p, at)? + 4;
+    }
+    let mut offsets = Vec::with_capacity(records);
+    for _ in 0..records {
+        at = skip_name(p, at)?;
+        let rtype = u16_at(p, at)?;
+        let rdlen = usize::from(u16_at(p, at + 8)?);
+        if rtype != TYPE_OPT {
+            offsets.push(at + 4);
+        }
+        at += 10 + rdlen;
+        if at > p.len() {
+            return None;
+        }
+    }
+    Some(offsets)
+}
+
+/// Lowers every TTL at `offsets` (from [`ttl_offsets`]) by `elapsed`
+/// seconds, stopping at zero.
+pub fn age_ttls(p: &mut [u8], offsets: &[usize], elapsed: u32) {
+    for &at in offsets {
+        if let (Some(ttl), Some(field)) = (u32_at(p, at), p.get_mut(at..at + 4)) {
+            field.copy_from_slice(&ttl.saturating_sub(elapsed).to_be_bytes());
+        }
+    }
+}
+
 /// Parses a query. Never panics, whatever the bytes.
 pub fn parse(p: &[u8]) -> Parsed<'_> {
     if p.len() < HEADER_LEN {
