@@ -31,6 +31,8 @@ use crate::watch::{Shared, Store};
 
 /// Largest gRPC message (a full-state watch response or list).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Streams a connection may reset before they are accepted (see `build`).
+const PENDING_RESET_LIMIT: usize = 10_000;
 
 /// Everything a replica is started with.
 #[derive(Debug, Clone)]
@@ -318,6 +320,13 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Peers cancel requests that outlive their deadline (a vote gets
+            // the election timeout); on a loaded replica many are reset before
+            // they are accepted. h2's rapid-reset guard would then tear down
+            // the peer's connection at 20, and reconnecting under load costs
+            // more than the deadline: elections would never finish. Every
+            // caller is authenticated (mTLS), so the guard is set far higher.
+            .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_LIMIT))
             .add_service(resources)
             .add_service(cluster)
             .add_service(nodes)

@@ -199,6 +199,11 @@ impl PeerClient {
     }
 }
 
+/// The least time an AppendEntries carrying entries gets (see
+/// `append_entries`). A peer that is down still fails at once (connection
+/// refused or reset); one that hangs is retried after this.
+const APPEND_BATCH_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn rpc_error(e: NetError) -> RPCError<TypeConfig> {
     match e {
         NetError::Codec(_) => RPCError::Network(NetworkError::new(&e)),
@@ -214,9 +219,22 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, r| async move {
-            c.append_entries(r).await
-        })
+        // openraft gives every AppendEntries the heartbeat interval (50 ms)
+        // as its deadline. A batch of entries must also be fsynced by the
+        // follower, which on a loaded machine or a slow disk takes longer:
+        // cut off at 50 ms, the same batch is resent and cut off forever and
+        // the follower never catches up (a two-replica majority then cannot
+        // commit). Batches get a floor; empty appends keep the short one.
+        let ttl = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(APPEND_BATCH_TIMEOUT)
+        };
+        self.call(
+            &rpc,
+            ttl,
+            |mut c, r| async move { c.append_entries(r).await },
+        )
         .await
         .map_err(rpc_error)
     }

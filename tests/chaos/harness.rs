@@ -82,6 +82,17 @@ impl Replica {
         }
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the running process.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            let pid = i32::try_from(c.id()).expect("pid");
+            // SAFETY: kill(2) has no memory effects; `pid` is our child,
+            // not yet reaped, so it cannot name another process.
+            let rc = unsafe { libc::kill(pid, signal) };
+            assert_eq!(rc, 0, "kill({pid}, {signal})");
+        }
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -102,7 +113,8 @@ pub struct Cluster {
     pub faults: Faults,
     net: u8,
     extra: Vec<String>,
-    _dir: tempfile::TempDir,
+    /// Data and logs; kept (and named) when a test fails.
+    dir: Option<tempfile::TempDir>,
 }
 
 fn real_ip(net: u8, id: u64) -> Ipv4Addr {
@@ -134,7 +146,7 @@ impl Cluster {
             faults,
             net,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            _dir: dir,
+            dir: Some(dir),
         };
         let peers: Vec<String> = (1..=n)
             .map(|id| format!("{id}={}:7000", proxy_ip(net, id)))
@@ -156,7 +168,7 @@ impl Cluster {
         let real = SocketAddr::new(real_ip(self.net, id).into(), 7000);
         let proxy = SocketAddr::new(proxy_ip(self.net, id).into(), 7000);
         self.faults.spawn(id, proxy, real, who).await;
-        let data: PathBuf = self._dir.path().join(format!("r{id}"));
+        let data: PathBuf = self.dir().join(format!("r{id}"));
         let mut args: Vec<String> = vec![
             "control".into(),
             "--id".into(),
@@ -177,7 +189,7 @@ impl Cluster {
             id,
             real,
             proxy,
-            log: self._dir.path().join(format!("r{id}.log")),
+            log: self.dir().join(format!("r{id}.log")),
             child: None,
             args,
         };
@@ -198,6 +210,10 @@ impl Cluster {
             }
             _ => None,
         })
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.dir.as_ref().expect("cluster dir").path()
     }
 
     pub fn restart(&mut self, id: u64) {
@@ -263,6 +279,19 @@ impl Cluster {
             lists.iter().all(|l| *l == first).then_some(first.1)
         })
         .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            for r in self.replicas.values_mut() {
+                r.kill();
+            }
+            eprintln!("replica data and logs kept in {}", dir.keep().display());
+        }
     }
 }
 
