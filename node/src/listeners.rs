@@ -1,7 +1,8 @@
 //! Keeps one listener per address a Service is reachable at on this node
 //! (ClusterIP:port, node IP:nodePort, LB ingress IP:port; a TCP listener or
-//! a UDP socket as the port's protocol says), reconciled to every new state. Listeners resolve their route at accept time from the
-//! latest route table, so endpoint changes need no rebinding, and removing
+//! a UDP socket as the port's protocol says), reconciled to every new
+//! state. Listeners resolve their route at accept time from the latest
+//! route table, so endpoint changes need no rebinding, and removing
 //! a listener only stops accepting: connections it accepted keep running.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -116,19 +117,10 @@ pub struct Listeners {
 impl Listeners {
     /// The addresses with a TCP listener right now.
     pub fn bound(&self) -> Vec<SocketAddr> {
-        self.bound_of(Proto::Tcp)
-    }
-
-    /// The addresses with a UDP socket right now.
-    pub fn bound_udp(&self) -> Vec<SocketAddr> {
-        self.bound_of(Proto::Udp)
-    }
-
-    fn bound_of(&self, proto: Proto) -> Vec<SocketAddr> {
         self.bound
             .borrow()
             .iter()
-            .filter(|(p, _)| *p == proto)
+            .filter(|(p, _)| *p == Proto::Tcp)
             .map(|(_, a)| *a)
             .collect()
     }

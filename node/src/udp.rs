@@ -4,7 +4,9 @@
 //! conntrack keeps kube-proxy's UDP entries. Replies leave through the
 //! Service's own socket, so the client sees them come from the address it
 //! sent to. A flow whose endpoint left the usable set moves to another one
-//! at the next packet, as kube-proxy clears stale UDP conntrack entries.
+//! at the next packet, as kube-proxy clears stale UDP conntrack entries;
+//! a Service address that goes away ends its flows (there is no connection
+//! to let finish).
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -7,9 +7,8 @@
 use std::time::{Duration, Instant};
 
 use crate::dataplane::{
-    DataPlane, Net, Traffic, nodes_converged, persisted_revision, range_flags, who,
+    DataPlane, Net, Traffic, cluster_for, nodes_converged, persisted_revision, who,
 };
-use crate::harness::*;
 use crate::report;
 
 fn outage() -> Duration {
@@ -23,9 +22,7 @@ fn outage() -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_plane_down_for_minutes() {
     let net = Net::new(33);
-    let flags = range_flags(&net);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = Cluster::start(8, 3, &flags).await;
+    let mut c = cluster_for(8, &net, &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut dp = DataPlane::start(&c, &net, dir.path());
     // The agent persists at most once a second: wait for the file to hold

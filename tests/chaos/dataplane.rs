@@ -15,14 +15,17 @@ use strait_proto::v1::cluster_client::ClusterClient;
 pub use crate::dp::{Backend, Net, Node, pod, service, who};
 use crate::harness::{BIN, Cluster, channel, eventually};
 
-/// The replica flags that give a cluster `net`'s ranges.
-pub fn range_flags(net: &Net) -> Vec<String> {
-    vec![
-        "--service-cidr".into(),
-        net.service_cidr.clone(),
-        "--lb-pool".into(),
-        net.lb_pool.clone(),
-    ]
+/// Starts 3 replicas on 127.60.`cluster_net`.x that allocate from `net`'s
+/// ranges, with `extra` flags.
+pub async fn cluster_for(cluster_net: u8, net: &Net, extra: &[&str]) -> Cluster {
+    let mut flags = vec![
+        "--service-cidr",
+        net.service_cidr.as_str(),
+        "--lb-pool",
+        net.lb_pool.as_str(),
+    ];
+    flags.extend_from_slice(extra);
+    Cluster::start(cluster_net, 3, &flags).await
 }
 
 /// Runs `strait ARGS` against every replica of `cluster`, expecting success.

@@ -130,17 +130,6 @@ impl Cluster {
     pub async fn start(net: u8, n: u64, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let faults = Faults::new();
-        let who: Arc<dyn Fn(IpAddr) -> Option<u64> + Send + Sync> =
-            Arc::new(move |ip: IpAddr| match ip {
-                IpAddr::V4(v4)
-                    if v4.octets()[..3] == [127, 60, net]
-                        && v4.octets()[3] > 10
-                        && v4.octets()[3] < 100 =>
-                {
-                    Some(u64::from(v4.octets()[3] - 10))
-                }
-                _ => None,
-            });
         let mut c = Cluster {
             replicas: BTreeMap::new(),
             faults,
@@ -152,7 +141,7 @@ impl Cluster {
             .map(|id| format!("{id}={}:7000", proxy_ip(net, id)))
             .collect();
         for id in 1..=n {
-            c.add_replica(id, Some(peers.join(",")), who.clone()).await;
+            c.add_replica(id, Some(peers.join(",")), c.who()).await;
         }
         c.wait_leader().await;
         c
@@ -197,7 +186,7 @@ impl Cluster {
         self.replicas.insert(id, r);
     }
 
-    /// A `who` function for replicas added later.
+    /// Which replica a source address is (its real address), for the proxies.
     pub fn who(&self) -> Arc<dyn Fn(IpAddr) -> Option<u64> + Send + Sync> {
         let net = self.net;
         Arc::new(move |ip: IpAddr| match ip {

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::dataplane::{DataPlane, Net, Traffic, nodes_converged, range_flags};
+use crate::dataplane::{DataPlane, Net, Traffic, cluster_for, nodes_converged};
 use crate::harness::*;
 use crate::load::{Load, more_writes};
 use crate::report;
@@ -22,9 +22,7 @@ fn kills() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_the_leader_ten_times_under_load() {
     let net = Net::new(31);
-    let flags = range_flags(&net);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = Cluster::start(1, 3, &flags).await;
+    let mut c = cluster_for(1, &net, &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let dp = DataPlane::start(&c, &net, dir.path());
     let traffic = Traffic::start(&dp.addr);

@@ -4,17 +4,13 @@
 
 use std::time::Instant;
 
-use crate::dataplane::{Backend, Net, Node, Traffic, cli, pod, range_flags, service, who};
-use crate::harness::*;
+use crate::dataplane::{Backend, Net, Node, Traffic, cli, cluster_for, pod, service, who};
 use crate::report;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_a_backend_then_a_node_agent() {
     let net = Net::new(36);
-    let mut flags = range_flags(&net);
-    flags.extend(["--node-grace".to_string(), "2s".to_string()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let c = Cluster::start(9, 3, &flags).await;
+    let c = cluster_for(9, &net, &["--node-grace", "2s"]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let control = c.addrs().join(",");
     let _n1 = Node::start("node-1", &net, &control, &dir.path().join("n1"));

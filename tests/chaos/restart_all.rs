@@ -4,16 +4,14 @@
 
 use std::time::Instant;
 
-use crate::dataplane::{DataPlane, Net, Traffic, nodes_converged, range_flags};
+use crate::dataplane::{DataPlane, Net, Traffic, cluster_for, nodes_converged};
 use crate::harness::*;
 use crate::report;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_every_replica_at_once() {
     let net = Net::new(34);
-    let flags = range_flags(&net);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = Cluster::start(4, 3, &flags).await;
+    let mut c = cluster_for(4, &net, &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let dp = DataPlane::start(&c, &net, dir.path());
     let traffic = Traffic::start(&dp.addr);

@@ -1,17 +1,14 @@
 //! A rolling restart of every control replica (kill -9, start, wait until
 //! the cluster converges) under a write load and client traffic.
 
-use crate::dataplane::{DataPlane, Net, Traffic, nodes_converged, range_flags};
-use crate::harness::*;
+use crate::dataplane::{DataPlane, Net, Traffic, cluster_for, nodes_converged};
 use crate::load::{Load, more_writes};
 use crate::report;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart_of_every_replica_under_load() {
     let net = Net::new(35);
-    let flags = range_flags(&net);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = Cluster::start(6, 3, &flags).await;
+    let mut c = cluster_for(6, &net, &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let dp = DataPlane::start(&c, &net, dir.path());
     let traffic = Traffic::start(&dp.addr);
