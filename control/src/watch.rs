@@ -10,7 +10,7 @@ use strait_proto::Kind;
 use strait_proto::v1::{EventType, WatchEvent, WatchResponse};
 use tokio::sync::broadcast;
 
-use crate::state::{Applied, Change, State};
+use crate::state::{Applied, Change, State, now_unix_nanos};
 
 /// Why a watch could not start.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,10 +32,16 @@ pub struct Start {
     pub live: broadcast::Receiver<Arc<WatchResponse>>,
 }
 
+/// A revision in the history, with when this replica applied it.
+struct Published {
+    response: Arc<WatchResponse>,
+    applied_unix_nanos: i64,
+}
+
 /// State plus watch history; see the module doc.
 pub struct Store {
     state: State,
-    history: VecDeque<Arc<WatchResponse>>,
+    history: VecDeque<Published>,
     /// Changes after this revision are all in `history`.
     oldest: u64,
     retain: usize,
@@ -75,24 +81,41 @@ impl Store {
     }
 
     /// Publishes what an apply changed as one revision.
+    /// `commit_time_unix_nanos` is the time the write carries (stamped when
+    /// it was accepted, before the Raft round).
     pub fn publish(&mut self, applied: &Applied, revision: u64, commit_time_unix_nanos: i64) {
         if applied.changes.is_empty() {
             return;
         }
+        let applied_unix_nanos = now_unix_nanos();
         let resp = Arc::new(WatchResponse {
             revision,
             events: applied.changes.iter().map(to_event).collect(),
             initial: false,
             commit_time_unix_nanos,
         });
-        self.history.push_back(resp.clone());
+        self.history.push_back(Published {
+            response: resp.clone(),
+            applied_unix_nanos,
+        });
         while self.history.len() > self.retain {
             if let Some(old) = self.history.pop_front() {
-                self.oldest = old.revision;
+                self.oldest = old.response.revision;
             }
         }
         // No receivers is fine: nobody is watching.
         let _ = self.tx.send(resp);
+    }
+
+    /// When this replica applied (and published) `revision`, by its clock,
+    /// while the revision is in the history. On the leader that is the
+    /// commit time, give or take the hand-off to the state machine.
+    pub fn applied_at(&self, revision: u64) -> Option<i64> {
+        let i = self
+            .history
+            .binary_search_by_key(&revision, |p| p.response.revision)
+            .ok()?;
+        self.history.get(i).map(|p| p.applied_unix_nanos)
     }
 
     pub fn state_mut(&mut self) -> &mut State {
@@ -144,8 +167,8 @@ impl Store {
         let backlog = self
             .history
             .iter()
-            .filter(|r| r.revision > revision)
-            .cloned()
+            .filter(|p| p.response.revision > revision)
+            .map(|p| p.response.clone())
             .collect();
         Ok(Start {
             initial: None,
