@@ -401,6 +401,19 @@ async fn programming(
     Ok(h)
 }
 
+/// CPU time this process has used (user + system), from `/proc/self/stat`
+/// (in clock ticks of 1/100 s, the fixed USER_HZ of that file).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th of the whole line.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -413,12 +426,20 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (addrs, replicas) = control_plane(dir.path()).await?;
     let load_before = load_average();
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
     let fan = fan_out(&args, &addrs, &replicas).await?;
+    let cpu = cpu_seconds()
+        .zip(cpu_before)
+        .map(|(after, before)| format!("{:.1}", after - before))
+        .unwrap_or_else(|| "unknown".into());
+    let wall = started.elapsed().as_secs_f64();
     let load_after = load_average();
     let prog = programming(&args, &addrs, dir.path()).await?;
     println!(
         "{} watchers over 3 replicas ({}), {} endpoint changes at {}/s; {} apply → forwarding rounds; \
-         load average {load_before} before the fan-out, {load_after} after\n",
+         load average {load_before} before the fan-out, {load_after} after; \
+         the fan-out took {wall:.1} s and {cpu} CPU-seconds (replicas, watchers and writer)\n",
         args.watchers,
         if args.full_decode {
             "decoding whole responses"
