@@ -778,3 +778,35 @@ impl cluster_server::Cluster for ClusterApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::RwLock;
+
+    use super::*;
+    use crate::watch::tests::{apply_pod, store};
+
+    /// A progress tick due while a revision is still queued for the watcher
+    /// must not announce that revision as seen (and so skip it). `select!`
+    /// picks a ready branch at random, hence the rounds.
+    #[tokio::test(start_paused = true)]
+    async fn a_progress_bookmark_never_skips_a_queued_revision() {
+        for round in 0..32 {
+            let shared: Shared = Arc::new(RwLock::new(store(100)));
+            let start = watch::read(&shared).subscribe(0).expect("subscribe");
+            let metrics = Arc::new(Metrics::new());
+            let mut w = Watcher::new(start, vec![Kind::Pod], shared.clone(), metrics);
+            let initial = w.next().await.expect("open").expect("initial state");
+            assert_eq!(initial.events(), 0);
+            apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
+            tokio::time::advance(PROGRESS_EVERY).await;
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let frame = w.next().await.expect("open").expect("frame");
+                let resp = WatchResponse::decode(frame.to_vec().as_slice()).expect("decodes");
+                seen.push((resp.revision, resp.events.len()));
+            }
+            assert!(seen.contains(&(1, 1)), "round {round}: {seen:?}");
+        }
+    }
+}

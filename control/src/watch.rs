@@ -198,7 +198,7 @@ pub fn write(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, Store> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use prost::Message;
     use strait_proto::Kind;
     use strait_proto::v1::{EventType, WatchResponse};
@@ -208,7 +208,7 @@ mod tests {
     use crate::service::Allocators;
     use crate::state::Command;
 
-    fn store(retain: usize) -> Store {
+    pub(crate) fn store(retain: usize) -> Store {
         let alloc = Allocators {
             cluster_ips: IpRange::new("10.96.0.0/12".parse().expect("cidr")),
             node_ports: "30000-32767".parse().expect("range"),
@@ -217,7 +217,8 @@ mod tests {
         Store::new(State::new(alloc), retain)
     }
 
-    fn apply_pod(store: &mut Store, index: u64, ip: &str) {
+    /// Applies and publishes Pod `p` at `ip` as revision `index`.
+    pub(crate) fn apply_pod(store: &mut Store, index: u64, ip: &str) {
         let yaml = format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, labels: {{app: a}}}}\n\
              spec:\n  nodeName: node-1\n  containers:\n  - name: c\n\
