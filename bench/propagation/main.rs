@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -208,7 +207,7 @@ async fn watch_as<M: Head>(addr: &str, req: WatchRequest) -> anyhow::Result<toni
 /// One simulated node: watches and records every revision it receives.
 async fn watcher<M: Head>(
     addr: String,
-    ready: Arc<tokio::sync::Barrier>,
+    ready: tokio::sync::mpsc::Sender<()>,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Vec<Sample>> {
     let req = WatchRequest {
@@ -220,7 +219,8 @@ async fn watcher<M: Head>(
         Some(first) if first.initial => {}
         _ => bail!("watch did not start with the initial state"),
     }
-    ready.wait().await;
+    // The receiver goes away once every watcher is ready.
+    let _ = ready.send(()).await;
     let mut samples = Vec::new();
     loop {
         let msg = tokio::select! {
@@ -256,7 +256,7 @@ async fn fan_out(
     addrs: &[String],
     replicas: &[strait_control::app::Bound],
 ) -> anyhow::Result<FanOut> {
-    let ready = Arc::new(tokio::sync::Barrier::new(args.watchers + 1));
+    let (ready, mut ready_rx) = tokio::sync::mpsc::channel(args.watchers.max(1));
     let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.watchers {
@@ -271,7 +271,18 @@ async fn fan_out(
             tasks.spawn(watcher::<WatchHead>(addr, ready.clone(), stop.clone()));
         }
     }
-    ready.wait().await;
+    // Every watcher has its initial state; one that failed first (a refused
+    // connection, say) ends the run with its error instead of a hang.
+    for _ in 0..args.watchers {
+        tokio::select! {
+            r = ready_rx.recv() => r.context("watchers gone")?,
+            Some(r) = tasks.join_next() => {
+                r??;
+                bail!("a watcher ended before the changes began");
+            }
+        }
+    }
+    drop(ready_rx);
     eprintln!(
         "{} watchers connected; writing {} changes",
         args.watchers, args.changes
