@@ -3,7 +3,7 @@
 //! follower forwards them to the leader. `ApiError`s become `tonic::Status`
 //! here and nowhere else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,19 +13,21 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
 use strait_proto::Kind;
+use strait_proto::fanout::resources_server;
+use strait_proto::frame::WatchFrame;
 use strait_proto::v1::{
     AddMemberRequest, ApplyRequest, ApplyResponse, ClusterStatusRequest, ClusterStatusResponse,
     Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest, ListResponse,
     MemberStatus, MembershipResponse, NodeHeartbeat, NodeStatusRequest, NodeStatusResponse, Object,
-    RemoveMemberRequest, WatchRequest, WatchResponse, cluster_server, resources_server,
+    RemoveMemberRequest, WatchRequest, WatchResponse, cluster_server,
 };
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, field};
 
 use crate::authz::{self, Caller};
 use crate::liveness::Heartbeats;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WatcherGuard};
 use crate::raft::{Raft, Response as RaftResponse};
 use crate::raft_net;
 use crate::state::{ApiError, Command, Outcome, now_unix_nanos, plural};
@@ -389,7 +391,7 @@ impl ResourcesApi {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl resources_server::Resources for ResourcesApi {
@@ -499,86 +501,126 @@ impl resources_server::Resources for ResourcesApi {
             .map_err(|e| match e {
                 WatchError::Compacted { .. } => Status::failed_precondition(e.to_string()),
             })?;
-        let shared = self.shared.clone();
-        let stream = async_stream(start, kinds, shared, self.metrics.clone());
-        Ok(Response::new(Box::pin(stream)))
+        let watcher = Watcher::new(start, kinds, self.shared.clone(), self.metrics.clone());
+        Ok(Response::new(Box::pin(watcher.into_stream())))
     }
 }
 
-/// Initial state or backlog, then live revisions; periodic progress
-/// responses (no events) tell an idle watcher how far it is current.
-fn async_stream(
-    start: watch::Start,
+/// One watcher's stream: initial state or backlog, then live revisions, each
+/// cut from the bytes encoded once per revision; periodic progress responses
+/// (no events) tell an idle watcher how far it is current. Polled directly by
+/// the connection's response task: no task or channel of its own.
+struct Watcher {
+    /// Initial state and backlog not sent yet.
+    pending: VecDeque<watch::Revision>,
+    live: broadcast::Receiver<watch::Revision>,
     kinds: Vec<Kind>,
+    /// The last revision this watcher is current to.
+    last: u64,
+    progress: tokio::time::Interval,
     shared: Shared,
     metrics: Arc<Metrics>,
-) -> impl Stream<Item = Result<WatchResponse, Status>> + Send {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchResponse, Status>>(64);
-    tokio::spawn(async move {
-        let _open = metrics.watcher_opened();
+    /// A lagged watcher gets its error, then the stream ends.
+    ended: bool,
+    _open: WatcherGuard,
+}
+
+/// How often an idle watcher hears how far it is current.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+impl Watcher {
+    fn new(start: watch::Start, kinds: Vec<Kind>, shared: Shared, metrics: Arc<Metrics>) -> Self {
         let watch::Start {
             initial,
             backlog,
-            mut live,
+            live,
         } = start;
-        let mut last = 0;
-        for resp in initial.into_iter().chain(backlog) {
-            last = resp.revision;
-            if let Some(r) = watch::filter(&resp, &kinds)
-                && tx.send(Ok(r)).await.is_err()
-            {
-                return;
+        Self {
+            pending: initial.into_iter().chain(backlog).collect(),
+            live,
+            kinds,
+            last: 0,
+            progress: tokio::time::interval_at(
+                tokio::time::Instant::now() + PROGRESS_EVERY,
+                PROGRESS_EVERY,
+            ),
+            shared,
+            _open: metrics.watcher_opened(),
+            metrics,
+            ended: false,
+        }
+    }
+
+    fn into_stream(self) -> impl Stream<Item = Result<WatchFrame, Status>> + Send {
+        futures::stream::unfold(self, |mut w| async move {
+            let item = w.next().await?;
+            Some((item, w))
+        })
+    }
+
+    /// This watcher's part of a revision, if any.
+    fn frame(&self, resp: &watch::Revision) -> Option<WatchFrame> {
+        let span = tracing::debug_span!(
+            "watch.send",
+            strait.revision = resp.revision(),
+            strait.events = field::Empty,
+        );
+        let _entered = span.enter();
+        let frame = resp.frame(&self.kinds)?;
+        span.record("strait.events", frame.events());
+        Some(frame)
+    }
+
+    async fn next(&mut self) -> Option<Result<WatchFrame, Status>> {
+        if self.ended {
+            return None;
+        }
+        while let Some(resp) = self.pending.pop_front() {
+            self.last = resp.revision();
+            if let Some(frame) = self.frame(&resp) {
+                return Some(Ok(frame));
             }
         }
-        let mut progress = tokio::time::interval(Duration::from_secs(5));
-        progress.tick().await;
         loop {
             tokio::select! {
-                msg = live.recv() => match msg {
+                msg = self.live.recv() => match msg {
                     Ok(resp) => {
-                        if resp.revision <= last && !resp.initial {
+                        if resp.revision() <= self.last && !resp.initial() {
                             continue;
                         }
-                        last = resp.revision;
-                        if let Some(r) = watch::filter(&resp, &kinds) {
-                            let span = tracing::debug_span!(
-                                "watch.send",
-                                strait.revision = r.revision,
-                                strait.events = r.events.len(),
-                            );
-                            let commit = r.commit_time_unix_nanos;
-                            if tx.send(Ok(r)).instrument(span).await.is_err() {
-                                return;
-                            }
-                            metrics.delivered(commit);
+                        self.last = resp.revision();
+                        if let Some(frame) = self.frame(&resp) {
+                            self.metrics.delivered(resp.commit_time_unix_nanos());
+                            return Some(Ok(frame));
                         }
                     }
                     Err(RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::resource_exhausted(format!(
-                                "watcher fell {n} revisions behind; resume from revision {last}"
-                            ))))
-                            .await;
-                        return;
+                        self.ended = true;
+                        return Some(Err(Status::resource_exhausted(format!(
+                            "watcher fell {n} revisions behind; resume from revision {}",
+                            self.last
+                        ))));
                     }
-                    Err(RecvError::Closed) => return,
+                    Err(RecvError::Closed) => return None,
                 },
-                _ = progress.tick() => {
-                    let current = watch::read(&shared).state().revision();
-                    if current > last {
-                        // Revisions with nothing of interest: say so.
-                        last = current;
+                _ = self.progress.tick() => {
+                    // Revisions with nothing of interest: say so. Only when
+                    // none is still queued for this watcher: publishing
+                    // holds the write lock, so under the read lock an empty
+                    // receiver means every revision up to the current one
+                    // has been seen.
+                    {
+                        let store = watch::read(&self.shared);
+                        if self.live.is_empty() {
+                            self.last = self.last.max(store.state().revision());
+                        }
                     }
-                    let bookmark = WatchResponse { revision: last, ..Default::default() };
-                    if tx.send(Ok(bookmark)).await.is_err() {
-                        return;
-                    }
+                    let bookmark = WatchResponse { revision: self.last, ..Default::default() };
+                    return Some(Ok(WatchFrame::from(&bookmark)));
                 }
-                _ = tx.closed() => return,
             }
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
 }
 
 /// `Cluster` service.
@@ -734,5 +776,37 @@ impl cluster_server::Cluster for ClusterApi {
         Ok(Response::new(MembershipResponse {
             voters: voters.into_iter().collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::RwLock;
+
+    use super::*;
+    use crate::watch::tests::{apply_pod, store};
+
+    /// A progress tick due while a revision is still queued for the watcher
+    /// must not announce that revision as seen (and so skip it). `select!`
+    /// picks a ready branch at random, hence the rounds.
+    #[tokio::test(start_paused = true)]
+    async fn a_progress_bookmark_never_skips_a_queued_revision() {
+        for round in 0..32 {
+            let shared: Shared = Arc::new(RwLock::new(store(100)));
+            let start = watch::read(&shared).subscribe(0).expect("subscribe");
+            let metrics = Arc::new(Metrics::new());
+            let mut w = Watcher::new(start, vec![Kind::Pod], shared.clone(), metrics);
+            let initial = w.next().await.expect("open").expect("initial state");
+            assert_eq!(initial.events(), 0);
+            apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
+            tokio::time::advance(PROGRESS_EVERY).await;
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let frame = w.next().await.expect("open").expect("frame");
+                let resp = WatchResponse::decode(frame.to_vec().as_slice()).expect("decodes");
+                seen.push((resp.revision, resp.events.len()));
+            }
+            assert!(seen.contains(&(1, 1)), "round {round}: {seen:?}");
+        }
     }
 }

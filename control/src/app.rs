@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use openraft::async_runtime::WatchReceiver;
+use strait_proto::fanout::resources_server::ResourcesServer;
 use strait_proto::v1::{
     cluster_server::ClusterServer, nodes_server::NodesServer, raft_server::RaftServer,
-    resources_server::ResourcesServer,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
