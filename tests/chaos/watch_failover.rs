@@ -37,29 +37,17 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
     let first = w.next().await.expect("initial").expect("ok");
     assert!(first.initial);
     let mut last = first.revision;
-    for i in 0..10 {
-        if let Outcome::Ok(r) = client.apply(service(&format!("w-{i}"), i)).await {
-            acked.insert(r);
-        }
-    }
-    while last < *acked.iter().max().expect("acked") {
-        let r = tokio::time::timeout(DEADLINE, w.next())
-            .await
-            .expect("event")
-            .expect("open")
-            .expect("ok");
-        if !r.events.is_empty() {
-            seen.push(r.revision);
-            last = r.revision;
-        }
-    }
+    write(&mut client, 0..10, &mut acked).await;
+    follow(
+        &mut w,
+        *acked.iter().max().expect("acked"),
+        &mut last,
+        &mut seen,
+    )
+    .await;
     // The watched replica dies; resume on another from the last revision.
     c.kill(watched);
-    for i in 10..20 {
-        if let Outcome::Ok(r) = client.apply(service(&format!("w-{i}"), i)).await {
-            acked.insert(r);
-        }
-    }
+    write(&mut client, 10..20, &mut acked).await;
     let ch = channel(&c.replicas[&other].real.to_string())
         .await
         .expect("channel");
@@ -71,22 +59,13 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
         .await
         .expect("resume")
         .into_inner();
-    while last < *acked.iter().max().expect("acked") {
-        let r = tokio::time::timeout(DEADLINE, w.next())
-            .await
-            .expect("event")
-            .expect("open")
-            .expect("ok");
-        if !r.events.is_empty() {
-            assert!(
-                r.revision > last,
-                "watch went back: {} after {last}",
-                r.revision
-            );
-            seen.push(r.revision);
-            last = r.revision;
-        }
-    }
+    follow(
+        &mut w,
+        *acked.iter().max().expect("acked"),
+        &mut last,
+        &mut seen,
+    )
+    .await;
     let seen_set: BTreeSet<u64> = seen.iter().copied().collect();
     assert_eq!(seen_set.len(), seen.len(), "duplicate revisions: {seen:?}");
     assert_eq!(
@@ -104,4 +83,40 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
             seen.len()
         ),
     );
+}
+
+/// Applies Services `w-I` for I in `range`, recording acknowledged revisions.
+async fn write(client: &mut Client, range: std::ops::Range<u64>, acked: &mut BTreeSet<u64>) {
+    for i in range {
+        if let Outcome::Ok(r) = client.apply(service(&format!("w-{i}"), i)).await {
+            acked.insert(r);
+        }
+    }
+}
+
+/// Reads `w` until revision `until`, recording each revision with events in
+/// `seen`; a revision not after the previous one fails the test.
+async fn follow(
+    w: &mut tonic::Streaming<strait_proto::v1::WatchResponse>,
+    until: u64,
+    last: &mut u64,
+    seen: &mut Vec<u64>,
+) {
+    use futures::StreamExt;
+    while *last < until {
+        let r = tokio::time::timeout(DEADLINE, w.next())
+            .await
+            .expect("event")
+            .expect("open")
+            .expect("ok");
+        if !r.events.is_empty() {
+            assert!(
+                r.revision > *last,
+                "watch went back: {} after {last}",
+                r.revision
+            );
+            seen.push(r.revision);
+            *last = r.revision;
+        }
+    }
 }
