@@ -1,37 +1,57 @@
 #!/usr/bin/env bash
 # Chaos on the compose cluster: faults injected with `docker kill`,
-# `docker pause` and `docker network disconnect` while a writer applies
-# objects and clients send traffic; each scenario checks named invariants
-# and prints its figures. Brings the cluster up (building the image), runs
-# every scenario, tears everything down, exits non-zero on any violation.
+# `docker pause`, `docker network disconnect` and `docker restart`, and
+# membership changes with `strait cluster remove-member/add-member`, while a
+# writer applies objects and clients send traffic; each scenario checks
+# named invariants and prints its figures. Brings the cluster up (building
+# the image), runs every scenario, tears everything down, exits non-zero on
+# any violation.
 #
 #   deploy/compose/chaos.sh                 all scenarios
 #   deploy/compose/chaos.sh leader-kill ... only these (leader-kill,
 #                                           leader-pause, replica-disconnect,
-#                                           node-kill, backend-kill)
+#                                           node-kill, backend-kill,
+#                                           restart-all, control-outage,
+#                                           rolling-restart, replace-member)
 #   CHAOS_KEEP=1 deploy/compose/chaos.sh    leave the cluster running after
 #   CHAOS_NO_BUILD=1 ...                    use the image already built
+#   CHAOS_OUTAGE_SECS=45 ...                control-outage length (default 30)
+#
+# replace-member replaces control-3 by a fresh replica 4 (service control-4,
+# profile "replace": same address, empty volume); it runs last whatever the
+# order given, and the cluster keeps replicas 1, 2, 4 until `up.sh down`.
 #
 # Traffic stays on the private network strait-net the compose file creates.
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")"
 root="$(cd ../.. && pwd)"
-all=(leader-kill leader-pause replica-disconnect node-kill backend-kill)
+all=(leader-kill leader-pause replica-disconnect node-kill backend-kill
+     restart-all control-outage rolling-restart replace-member)
 scenarios=("${@:-${all[@]}}")
 [ $# -eq 0 ] && scenarios=("${all[@]}")
+# replace-member changes the membership for good: run it last.
+ordered=()
+for s in "${scenarios[@]}"; do [ "$s" = replace-member ] || ordered+=("$s"); done
+[ ${#ordered[@]} -eq ${#scenarios[@]} ] || ordered+=(replace-member)
+scenarios=("${ordered[@]}")
+outage_s=${CHAOS_OUTAGE_SECS:-30}
+export STRAIT_IMAGE="${STRAIT_IMAGE:-strait:dev}"
 
 # Build the binary and image first (as long as cargo takes); everything
-# after is bounded: cluster, scenarios and teardown are cut at 8 minutes.
+# after is bounded: cluster, scenarios and teardown are cut at 10 minutes
+# plus the control-plane outage.
 if [ -z "${CHAOS_BOUNDED:-}" ]; then
-  [ -n "${CHAOS_NO_BUILD:-}" ] || ../docker/build.sh "${STRAIT_IMAGE:-strait:dev}"
+  [ -n "${CHAOS_NO_BUILD:-}" ] || ../docker/build.sh "$STRAIT_IMAGE"
   export CHAOS_BOUNDED=1
-  exec timeout --kill-after=30 480 "$self" "$@"
+  exec timeout --kill-after=30 $((600 + outage_s)) "$self" "$@"
 fi
 
 bin="$root/target/static/x86_64-unknown-linux-gnu/release/strait"
 work="$(mktemp -d)"
 servers=(10.201.0.11:7700 10.201.0.12:7700 10.201.0.13:7700)
+# The replica id serving at each address (replace-member puts 4 at .13).
+ids=(1 2 3)
 violations=()
 summary=()
 bg_pids=()
@@ -59,14 +79,29 @@ done
 export STRAIT_TLS_CERT="$work/admin-compose.crt" STRAIT_TLS_KEY="$work/admin-compose.key" \
   STRAIT_TLS_CA="$work/ca.crt" STRAIT_LOG=error
 
+compose() {
+  if docker compose version >/dev/null 2>&1; then
+    docker compose -p strait "$@"
+  else
+    docker-compose -p strait "$@"
+  fi
+}
+
 # The CLI on the host against a list of replicas (comma-separated).
 cli() { local s="$1"; shift; timeout 10 "$bin" --server "$s" "$@"; }
 all_servers() { local IFS=,; echo "${servers[*]}"; }
 others() { # replicas except id $1
   local out=() i
-  for i in 1 2 3; do [ "$i" = "$1" ] || out+=("${servers[$((i - 1))]}"); done
+  for i in 0 1 2; do [ "${ids[$i]}" = "$1" ] || out+=("${servers[$i]}"); done
   local IFS=,; echo "${out[*]}"
 }
+addr_of() { # replica id -> its address
+  local i
+  for i in 0 1 2; do [ "${ids[$i]}" != "$1" ] || { echo "${servers[$i]}"; return 0; }; done
+  return 1
+}
+ip_of() { local a; a=$(addr_of "$1") && echo "${a%:*}"; }
+controls() { local i; for i in "${ids[@]}"; do echo "strait-control-$i"; done; }
 
 # The leader id as replicas other than $1 (or any) see it; 0 if none.
 # `cluster status` prints the leader line first, then asks every member
@@ -208,7 +243,19 @@ check_probe_zero() {
   [ "$p_ok" -gt 0 ] || violation "client traffic flowed ($name): no successful request"
 }
 
-finish() { # scenario figures
+# Invariant "every node converges to the leader's revision": the leader
+# hears every node agent report its own revision (LAG 0 in `get nodes`);
+# sets node_rev.
+nodes_at_leader_revision() {
+  local l a out
+  l=$(leader); [ "$l" -gt 0 ] || return 1
+  a=$(addr_of "$l") || return 1
+  out=$(cli "$a" get nodes 2>/dev/null) || return 1
+  node_rev=$(awk 'NR>1 { n++; if ($5 != "0") bad=1; rev=$4 }
+                  END { if (n != 3 || bad) exit 1; print rev }' <<<"$out")
+}
+
+finish() { # [nodes]: also check that every node converges
   deadline_s=90
   local t0; t0=$(now_ms)
   if wait_for "convergence" converged; then
@@ -217,6 +264,15 @@ finish() { # scenario figures
     violation "the cluster converges: replicas or containers did not agree/heal within 90 s"
     cli "$(all_servers)" cluster status || true
     docker ps -a --filter name=strait- --format '{{.Names}} {{.Status}}'
+  fi
+  if [ "${1:-}" = nodes ]; then
+    t0=$(now_ms)
+    if wait_for "every node at the leader's revision" nodes_at_leader_revision; then
+      figures+=" nodes_at_revision=$node_rev nodes_converge_ms=$(($(now_ms) - t0))"
+    else
+      violation "every node converges to the leader's revision within 90 s"
+      cli "$(all_servers)" get nodes || true
+    fi
   fi
   deadline_s=60
   log "FIGURES $scenario:$figures"
@@ -274,7 +330,7 @@ scenario_leader_pause() {
 scenario_replica_disconnect() {
   local old new t0 ip
   old=$(leader); [ "$old" -gt 0 ] || { violation "no leader before the fault"; return; }
-  ip="10.201.0.1$old"
+  ip=$(ip_of "$old")
   start_writer; start_probe clusterip client 10.96.0.10:80
   sleep 3
   log "docker network disconnect strait-net strait-control-$old (the leader)"
@@ -362,6 +418,202 @@ scenario_backend_kill() {
     || violation "restarted backends become ready endpoints again"
   figures+=" backends_ready_again_ms=$(($(now_ms) - t0))"
   finish
+}
+
+has_leader() { [ "$(leader)" -gt 0 ]; }
+
+# Every object of every kind, from a linearizable read (JSON). Node agents
+# register their Node again when their watch reconnects, stamping its
+# resourceVersion, generation and Ready times: those are left out.
+state_dump() {
+  local k
+  for k in services endpointslices pods; do
+    cli "$(all_servers)" get "$k" -A -o json 2>/dev/null || return 1
+  done
+  cli "$(all_servers)" get nodes -o json 2>/dev/null \
+    | jq 'del(.items[]?.metadata.resourceVersion, .items[]?.metadata.generation,
+              .items[]?.status.conditions[]?.lastHeartbeatTime, .items[]?.status.conditions[]?.lastTransitionTime)'
+}
+
+# Writes $1 headless Services named $2-1..$2-N, one request each.
+write_services() {
+  local i
+  for i in $(seq "$1"); do
+    printf 'apiVersion: v1\nkind: Service\nmetadata: {name: %s}\nspec:\n  clusterIP: None\n  ports: [{port: 80}]\n' "$2-$i" \
+      | cli "$(all_servers)" apply -f - >/dev/null || return 1
+  done
+}
+
+# Sleeps until $1 (ms since the epoch): a fault's planned length, not a
+# wait for a condition.
+sleep_until_ms() { local d=$(($1 - $(now_ms))); [ "$d" -le 0 ] || sleep "$((d / 1000)).$(printf %03d $((d % 1000)))"; }
+
+# One request through $1 succeeds.
+forwards() { "$bin" demo probe "$1" --count 1 --timeout 1s --quiet >/dev/null 2>&1; }
+
+# kill -9 every control replica at once and start them again: a leader is
+# back, the state is identical, the data plane never noticed, nodes converge.
+scenario_restart_all() {
+  local before after t0 objects
+  start_probe clusterip client 10.96.0.10:80
+  write_services 20 "ra" || violation "writes before the restart are acknowledged"
+  wait_for "convergence before the restart" converged || violation "the cluster converges before the fault"
+  before=$(state_dump) || { violation "cannot read the state before the restart"; return; }
+  log "docker kill -s KILL every control replica, then docker start them"
+  t0=$(now_ms)
+  # shellcheck disable=SC2046
+  docker kill -s KILL $(controls) >/dev/null
+  # shellcheck disable=SC2046
+  docker start $(controls) >/dev/null
+  wait_for "a leader after the restart" has_leader || violation "a leader is elected after every replica restarted"
+  figures=" leader_back_ms=$(($(now_ms) - t0))"
+  wait_for "convergence after the restart" converged || true
+  if after=$(state_dump); then
+    objects=$(jq -s '[.[].items[]?] | length' <<<"$after")
+    figures+=" objects=$objects"
+    [ "$before" = "$after" ] \
+      || violation "state identical after the restart: $(diff <(echo "$before") <(echo "$after") | head -20 | tr '\n' ' ')"
+  else
+    violation "cannot read the state after the restart"
+  fi
+  sleep 2
+  check_probe_zero clusterip
+  finish nodes
+}
+
+# The whole control plane down (docker kill) for CHAOS_OUTAGE_SECS under
+# client traffic: no failed connection through the agents that stay up;
+# node-3's agent, killed and started in the middle of the outage, forwards
+# again from its persisted state (no failure once it does); when the
+# replicas return, every node converges to the leader's revision.
+scenario_control_outage() {
+  local t0 t1
+  wait_for "every node at the leader's revision" nodes_at_leader_revision \
+    || violation "every node is at the leader's revision before the outage"
+  start_probe clusterip client 10.96.0.10:80
+  start_probe nodeport2 host 10.201.0.22:30080
+  sleep 2
+  log "docker kill -s KILL every control replica for ${outage_s} s"
+  t0=$(now_ms)
+  # shellcheck disable=SC2046
+  docker kill -s KILL $(controls) >/dev/null
+  figures=" outage_s=$outage_s"
+  sleep_until_ms $((t0 + outage_s * 500))
+  log "docker kill -s KILL strait-node-3, docker start it (control plane still down)"
+  docker kill -s KILL strait-node-3 >/dev/null
+  t1=$(now_ms); docker start strait-node-3 >/dev/null
+  if wait_for "node-3 forwarding again" forwards 10.201.0.23:30080; then
+    figures+=" node3_forwarding_after_ms=$(($(now_ms) - t1))"
+  else
+    violation "a node agent restarted during the outage forwards again"
+  fi
+  start_probe nodeport3 host 10.201.0.23:30080
+  sleep_until_ms $((t0 + outage_s * 1000))
+  log "docker start every control replica"
+  t1=$(now_ms)
+  # shellcheck disable=SC2046
+  docker start $(controls) >/dev/null
+  wait_for "a leader after the outage" has_leader || violation "a leader is elected after the outage"
+  figures+=" leader_back_ms=$(($(now_ms) - t1))"
+  sleep 2
+  check_probe_zero clusterip
+  check_probe_zero nodeport2
+  check_probe_zero nodeport3
+  finish nodes
+}
+
+# Restart the replicas one at a time (kill -9 and start, as the process
+# suite does) under write and traffic load, each time waiting until the
+# cluster has converged again. Not `docker restart`: a replica stopped with
+# SIGTERM while it leads keeps leading while it drains its watch streams
+# (until docker's 10 s grace ends) but no longer takes node heartbeats, so
+# it marks every Node NotReady and traffic fails.
+scenario_rolling_restart() {
+  local id t0
+  start_writer; start_probe clusterip client 10.96.0.10:80
+  sleep 2
+  figures=""
+  for id in "${ids[@]}"; do
+    log "docker kill -s KILL strait-control-$id, docker start it"
+    t0=$(now_ms)
+    docker kill -s KILL "strait-control-$id" >/dev/null
+    docker start "strait-control-$id" >/dev/null
+    if wait_for "convergence after restarting control-$id" converged; then
+      figures+=" control${id}_converged_ms=$(($(now_ms) - t0))"
+    else
+      violation "the cluster converges after restarting control-$id"
+    fi
+  done
+  sleep 2
+  stop_writer
+  check_probe_zero clusterip
+  check_writes
+  finish nodes
+}
+
+# The voters as the replicas report them ("1 2 3 ").
+voters() {
+  local st
+  st=$(cli "$(all_servers)" cluster status 2>/dev/null) || return 1
+  awk 'NR>2 && $NF == "true" {printf "%s ", $1}' <<<"$st"
+}
+
+voters_are() { [ "$(voters)" = "$1" ]; }
+
+# Asks the leader to remove member $1 until it is no longer a voter
+# (idempotent: a removal whose answer was lost is seen in the voters).
+member_removed() {
+  local l v
+  l=$(leader)
+  [ "$l" -gt 0 ] && cli "$(addr_of "$l")" cluster remove-member --id "$1" >/dev/null 2>&1
+  v=$(voters) && [ -n "$v" ] && ! grep -qw "$1" <<<"$v"
+}
+
+# Asks the leader to add member $1 at $2 until it is a voter (add-member
+# waits for the learner to catch up).
+member_added() {
+  local l v
+  l=$(leader)
+  [ "$l" -gt 0 ] && timeout 30 "$bin" --server "$(addr_of "$l")" cluster add-member --id "$1" --address "$2" >/dev/null 2>&1
+  v=$(voters) && grep -qw "$1" <<<"$v"
+}
+
+# Replace a member under write and traffic load: remove replica 3 and
+# delete its container, then start a fresh replica 4 (empty volume, same
+# address, `--join`) and add it. No acknowledged write lost, zero failed
+# client connections, voters {1, 2, 4}, all at the same log index.
+scenario_replace_member() {
+  local t0 v l
+  [ "${ids[2]}" = 3 ] || { violation "control-3 was already replaced"; return; }
+  start_writer; start_probe clusterip client 10.96.0.10:80
+  sleep 2
+  l=$(leader)
+  log "strait cluster remove-member --id 3 (leader: $l)"
+  t0=$(now_ms)
+  wait_for "member 3 removed" member_removed 3 || { violation "member 3 is removed"; stop_writer; check_probe_zero clusterip; return; }
+  figures=" removed=3 leader_was=$l remove_ms=$(($(now_ms) - t0))"
+  docker rm -f strait-control-3 >/dev/null
+  log "start control-4 (empty volume, --join) and strait cluster add-member --id 4 --address ${servers[2]}"
+  compose --profile replace up -d --no-deps control-4 >/dev/null 2>&1 \
+    || { violation "the replacement container control-4 starts"; stop_writer; check_probe_zero clusterip; return; }
+  t0=$(now_ms)
+  if wait_for "member 4 added" member_added 4 "${servers[2]}"; then
+    figures+=" added=4 add_ms=$(($(now_ms) - t0))"
+  else
+    violation "the fresh member 4 is added as a voter"
+  fi
+  ids=(1 2 4)
+  sleep 2
+  stop_writer
+  check_probe_zero clusterip
+  check_writes
+  if wait_for "voters {1, 2, 4}" voters_are "1 2 4 "; then
+    figures+=" voters=1,2,4"
+  else
+    v=$(voters) || true
+    violation "voters are {1, 2, 4} after the replacement: ${v:-none}"
+  fi
+  finish nodes
 }
 
 # ---- run -------------------------------------------------------------------

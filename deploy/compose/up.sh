@@ -19,7 +19,7 @@ compose() {
 }
 
 if [ "${1:-}" = down ]; then
-  compose down -v --remove-orphans
+  compose --profile replace down -v --remove-orphans
   docker volume rm strait-certs >/dev/null 2>&1 || true
   exit 0
 fi
@@ -35,7 +35,7 @@ docker volume create strait-certs >/dev/null
 strait() { docker run --rm --network none -v strait-certs:/certs "$image" "$@"; }
 if out=$(strait certs init --trust-domain compose.strait --out /certs 2>&1); then
   echo "$out"
-  for id in 1 2 3; do strait certs issue control "$id" --out /certs; done
+  for id in 1 2 3 4; do strait certs issue control "$id" --out /certs; done  # 4: chaos.sh replace-member
   for n in node-1 node-2 node-3; do strait certs issue node "$n" --out /certs; done
   strait certs issue admin compose --out /certs
 elif ! grep -q exists <<<"$out"; then
