@@ -68,6 +68,11 @@ pub struct NodeArgs {
     /// be programmed (before the first full state: since start), e.g. 60s.
     #[arg(long, env = "STRAIT_HEALTHZ_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub healthz_timeout: Duration,
+    /// Forwarding worker threads: each has its own SO_REUSEPORT socket on
+    /// every TCP listener address and forwards the connections it accepts
+    /// (default: one per CPU).
+    #[arg(long, env = "STRAIT_PROXY_WORKERS")]
+    pub proxy_workers: Option<std::num::NonZeroUsize>,
 }
 
 /// Default address of a node agent's metrics and health endpoints
@@ -151,6 +156,9 @@ impl NodeArgs {
             )
             .0,
             healthz_timeout: self.healthz_timeout,
+            proxy_workers: self
+                .proxy_workers
+                .unwrap_or_else(strait_node::workers::default_count),
             ..Config::default()
         })
     }

@@ -30,8 +30,10 @@ endpoints:
 - addresses: ["$UPSTREAM_HOST"]
   conditions: {ready: true}
 YAML
-# One tokio worker per CPU the harness lets the proxy use.
-export TOKIO_WORKER_THREADS="${PROXY_WORKERS:-2}"
+# One forwarding worker per CPU the harness lets the proxy use; the main
+# runtime (static state, metrics) needs one thread.
+export STRAIT_PROXY_WORKERS="${PROXY_WORKERS:-2}"
+export TOKIO_WORKER_THREADS=1
 export STRAIT_LOG="${STRAIT_LOG:-warn}"
 # Only the forwarder is measured: no cluster DNS server.
 export STRAIT_DNS_LISTEN=off

@@ -18,6 +18,7 @@ use crate::routes::{RouteCapture, RouteError};
 use crate::service_health;
 use crate::state::NodeState;
 use crate::watch::{self as watcher, Registration, WatchError, Watcher};
+use crate::workers::Workers;
 
 /// Errors starting the node agent.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,9 @@ pub enum AppError {
     /// The metrics address cannot be bound.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// A forwarding worker or the idle-reaper thread cannot be started.
+    #[error("starting forwarding threads: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 /// A running node agent.
@@ -56,6 +60,9 @@ pub struct Bound {
     dns: Option<DnsServer>,
     metrics: Arc<Metrics>,
     metrics_addr: Option<SocketAddr>,
+    /// Kept until connections drained: dropping the workers ends their
+    /// connections.
+    workers: Option<Arc<Workers>>,
 }
 
 impl std::fmt::Debug for Bound {
@@ -88,6 +95,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         dns_ttl = cfg.dns_ttl,
         metrics_listen = ?cfg.metrics_listen,
         healthz_timeout = ?cfg.healthz_timeout,
+        proxy_workers = cfg.proxy_workers,
         "starting node agent"
     );
     let drain = Drain::new();
@@ -144,7 +152,26 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         }
         None => None,
     };
-    let listeners = listeners::spawn(&cfg, state.clone(), &drain, metrics.clone());
+    let started = Workers::start(cfg.proxy_workers).and_then(|workers| {
+        let listeners = listeners::spawn(
+            &cfg,
+            state.clone(),
+            &drain,
+            metrics.clone(),
+            workers.clone(),
+        )?;
+        Ok((workers, listeners))
+    });
+    let (workers, listeners) = match started {
+        Ok(w) => w,
+        Err(e) => {
+            drain.shutdown(std::time::Duration::ZERO).await;
+            if let Some(mut r) = routes {
+                r.remove();
+            }
+            return Err(AppError::Threads(e));
+        }
+    };
     service_health::spawn(
         cfg.name.clone(),
         cfg.node_ip,
@@ -161,6 +188,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         dns,
         metrics,
         metrics_addr,
+        workers: Some(workers),
     })
 }
 
@@ -293,6 +321,7 @@ impl Bound {
     pub async fn shutdown(mut self) {
         info!("node agent shutting down");
         self.drain.shutdown(self.grace).await;
+        self.workers.take();
         if let Some(r) = self.routes.as_mut() {
             r.remove();
         }

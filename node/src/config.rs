@@ -3,6 +3,7 @@
 //! defaults.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -94,6 +95,9 @@ pub struct Config {
     /// `/healthz` answers 503 once a received change has waited this long
     /// to be programmed (kube-proxy: twice its sync period).
     pub healthz_timeout: Duration,
+    /// Forwarding worker threads, each accepting and forwarding TCP on its
+    /// own runtime ([`crate::workers`]).
+    pub proxy_workers: NonZeroUsize,
 }
 
 impl Default for Config {
@@ -119,6 +123,7 @@ impl Default for Config {
             pods_dir: None,
             metrics_listen: None,
             healthz_timeout: crate::metrics::DEFAULT_HEALTH_TIMEOUT,
+            proxy_workers: crate::workers::default_count(),
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::{Config, LbPolicy};
+use crate::conns::Connections;
 use crate::metrics::{EndpointHandles, Metrics, OpenConnection, PortKey};
 use crate::splice::{self, ForwardOptions};
 use crate::state::{Endpoint, NodeState, ServiceInfo, ServiceKey};
@@ -223,20 +224,22 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(cfg: &Config) -> Self {
-        Self {
+    /// A forwarder with `cfg`'s policy and timeouts; with an idle timeout,
+    /// this starts its [`Connections`] sweeper thread.
+    pub fn new(cfg: &Config) -> io::Result<Self> {
+        Ok(Self {
             node_name: cfg.name.clone(),
             policy: cfg.lb_policy,
             connect_timeout: cfg.connect_timeout,
             opts: ForwardOptions {
-                idle_timeout: cfg.idle_timeout,
+                conns: Some(Connections::start(cfg.idle_timeout)?),
                 ..ForwardOptions::default()
             },
             stats: DashMap::new(),
             round_robin: DashMap::new(),
             affinity: DashMap::new(),
             metrics: Arc::new(Metrics::default()),
-        }
+        })
     }
 
     /// Counts connections into `metrics` instead of a private registry.
@@ -245,38 +248,53 @@ impl Forwarder {
         self
     }
 
+    /// Shuts down every forwarded connection, and every one that finishes
+    /// connecting from now on (the end of a shutdown's grace period).
+    pub fn cut_all(&self) {
+        if let Some(conns) = &self.opts.conns {
+            conns.cut_all();
+        }
+    }
+
     /// Forwards `client` to an endpoint of `route`. Without a usable
     /// endpoint the client is reset at once rather than left hanging.
     ///
     /// `client` should come from a listener prepared by
     /// [`crate::listeners`], whose accepted sockets inherit `TCP_NODELAY`
     /// and keepalive; only the upstream socket is tuned here.
-    pub async fn handle(
-        &self,
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn stores by-value arguments twice (rust-lang/rust#62958)"
+    )]
+    pub fn handle<'a>(
+        &'a self,
         client: TcpStream,
         peer: SocketAddr,
-        route: &Route,
-    ) -> Result<splice::Transferred, ProxyError> {
-        let (upstream, stats, counters) = match self.connect_any(peer, route).await {
-            Ok(c) => c,
-            Err(e) => {
-                reset(&client);
-                return Err(e);
+        route: &'a Route,
+    ) -> impl Future<Output = Result<splice::Transferred, ProxyError>> + 'a {
+        // A block rather than an `async fn`: see [`splice::forward`].
+        async move {
+            let (upstream, stats, counters) = match self.connect_any(peer, route).await {
+                Ok(c) => c,
+                Err(e) => {
+                    reset(&client);
+                    return Err(e);
+                }
+            };
+            stats.active.fetch_add(1, Ordering::Relaxed);
+            let _guard = ActiveGuard(stats);
+            let conn = OpenConnection::new(counters);
+            if let Err(e) = splice::tune_stream(&upstream, Some(KEEPALIVE)) {
+                debug!(error = %e, "cannot tune socket");
             }
-        };
-        stats.active.fetch_add(1, Ordering::Relaxed);
-        let _guard = ActiveGuard(stats);
-        let conn = OpenConnection::new(counters);
-        if let Err(e) = splice::tune_stream(&upstream, Some(KEEPALIVE)) {
-            debug!(error = %e, "cannot tune socket");
+            let result = splice::forward(client, upstream, &self.opts).await;
+            let t = match &result {
+                Ok(t) => *t,
+                Err(e) => e.transferred(),
+            };
+            conn.transferred(t.client_to_upstream, t.upstream_to_client);
+            Ok(result?)
         }
-        let result = splice::forward(client, upstream, &self.opts).await;
-        let t = match &result {
-            Ok(t) => *t,
-            Err(e) => e.transferred(),
-        };
-        conn.transferred(t.client_to_upstream, t.upstream_to_client);
-        Ok(result?)
     }
 
     /// Counts a connection reset for coming from outside the Service's
@@ -602,7 +620,7 @@ mod tests {
 
     #[test]
     fn pick_prefers_fewer_connections_and_skips_ejected() {
-        let fwd = Forwarder::new(&Config::default());
+        let fwd = Forwarder::new(&Config::default()).expect("forwarder");
         let eps = [ep(1, true, true, false, "a"), ep(2, true, true, false, "a")];
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let key = (ServiceKey::new("default", "web"), 80, false);
@@ -634,7 +652,7 @@ mod tests {
             lb_policy: LbPolicy::RoundRobin,
             ..Config::default()
         };
-        let fwd = Forwarder::new(&cfg);
+        let fwd = Forwarder::new(&cfg).expect("forwarder");
         let eps = [ep(1, true, true, false, "a"), ep(2, true, true, false, "a")];
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let key = (ServiceKey::new("default", "web"), 80, false);

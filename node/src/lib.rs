@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod config;
+pub mod conns;
 pub mod dns;
 pub mod drain;
 pub mod forward;
@@ -20,6 +21,7 @@ pub mod splice;
 pub mod state;
 pub mod udp;
 pub mod watch;
+pub mod workers;
 
 pub use app::{AppError, Bound, build};
 pub use config::{Config, LbPolicy};

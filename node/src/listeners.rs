@@ -4,6 +4,8 @@
 //! state. Listeners resolve their route at accept time from the latest
 //! route table, so endpoint changes need no rebinding, and removing
 //! a listener only stops accepting: connections it accepted keep running.
+//! A TCP address gets one `SO_REUSEPORT` socket per forwarding worker
+//! ([`crate::workers`]); the kernel spreads connections over them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
@@ -25,6 +27,7 @@ use crate::forward::{self, Forwarder, ProxyError, Route, Via};
 use crate::metrics::Metrics;
 use crate::state::NodeState;
 use crate::udp;
+use crate::workers::Workers;
 
 /// How often addresses that failed to bind are retried.
 const BIND_RETRY: Duration = Duration::from_secs(5);
@@ -128,28 +131,46 @@ impl Listeners {
 
 /// Starts reconciling listeners to `state`. Nothing is bound before the
 /// first synced state; the task ends when `drain` stops. Each reconciled
-/// revision is reported to `metrics` as programmed.
+/// revision is reported to `metrics` as programmed. Fails only when the
+/// forwarder's idle-reaper thread cannot be started.
 pub fn spawn(
     cfg: &Config,
     state: watch::Receiver<Arc<NodeState>>,
     drain: &Drain,
     metrics: Arc<Metrics>,
-) -> Listeners {
+    workers: Arc<Workers>,
+) -> io::Result<Listeners> {
     let (bound_tx, bound) = watch::channel(Arc::new(BTreeSet::new()));
     let (routes_tx, _) = watch::channel(Arc::new(RouteTable::new()));
+    let forwarder = Arc::new(Forwarder::new(cfg)?.with_metrics(metrics.clone()));
+    // Connections still open when the grace period ends are cut through the
+    // forwarder's registry: their tasks carry no cancellation of their own.
+    // Not a tracked task, so that it doesn't hold the grace period open.
+    let (cut, tracker, fwd) = (
+        drain.cut_token().clone(),
+        drain.tracker().clone(),
+        forwarder.clone(),
+    );
+    tokio::spawn(async move {
+        tokio::select! {
+            () = cut.cancelled() => fwd.cut_all(),
+            () = tracker.wait() => {}
+        }
+    });
     let r = Reconciler {
         node_ip: cfg.node_ip,
-        forwarder: Arc::new(Forwarder::new(cfg).with_metrics(metrics.clone())),
+        forwarder,
         metrics,
         state,
         routes_tx,
         bound_tx,
         drain: drain.clone(),
+        workers,
         active: HashMap::new(),
         failed: HashSet::new(),
     };
     drain.tracker().spawn(r.run());
-    Listeners { bound }
+    Ok(Listeners { bound })
 }
 
 struct Reconciler {
@@ -160,7 +181,9 @@ struct Reconciler {
     routes_tx: watch::Sender<Arc<RouteTable>>,
     bound_tx: watch::Sender<Arc<BTreeSet<ListenKey>>>,
     drain: Drain,
-    active: HashMap<ListenKey, (CancellationToken, JoinHandle<()>)>,
+    workers: Arc<Workers>,
+    /// Each listener's stop token and its tasks (one per worker for TCP).
+    active: HashMap<ListenKey, (CancellationToken, Vec<JoinHandle<()>>)>,
     /// Addresses that failed to bind, warned about once until they bind.
     failed: HashSet<ListenKey>,
 }
@@ -209,10 +232,12 @@ impl Reconciler {
             .copied()
             .collect();
         for key in gone {
-            if let Some((token, handle)) = self.active.remove(&key) {
+            if let Some((token, handles)) = self.active.remove(&key) {
                 token.cancel();
-                // The socket must be closed before the address can be bound again.
-                let _ = handle.await;
+                // The sockets must be closed before the address can be bound again.
+                for handle in handles {
+                    let _ = handle.await;
+                }
                 info!(addr = %key.1, protocol = ?key.0, "listener closed");
             }
         }
@@ -227,24 +252,37 @@ impl Reconciler {
             let routes = self.routes_tx.subscribe();
             let (forwarder, drain) = (self.forwarder.clone(), self.drain.clone());
             let started = match proto {
-                Proto::Tcp => bind(addr).map(|listener| {
-                    let serve =
-                        accept_loop(listener, addr, token.clone(), routes, forwarder, drain);
-                    self.drain.tracker().spawn(serve)
+                Proto::Tcp => bind(addr, self.workers.count()).map(|sockets| {
+                    let tracker = self.drain.tracker();
+                    sockets
+                        .into_iter()
+                        .zip(self.workers.handles())
+                        .map(|(socket, rt)| {
+                            let serve = accept_loop(
+                                socket,
+                                addr,
+                                token.clone(),
+                                routes.clone(),
+                                forwarder.clone(),
+                                drain.clone(),
+                            );
+                            tracker.spawn_on(serve, rt)
+                        })
+                        .collect()
                 }),
                 Proto::Udp => udp::bind(addr)
                     .map_err(|source| ListenError::Bind { addr, source })
                     .map(|socket| {
                         let serve =
                             udp::serve(socket, addr, token.clone(), routes, forwarder, drain);
-                        self.drain.tracker().spawn(serve)
+                        vec![self.drain.tracker().spawn(serve)]
                     }),
             };
             match started {
-                Ok(handle) => {
+                Ok(handles) => {
                     self.failed.remove(key);
                     info!(%addr, protocol = ?proto, service = %route.service.key, via = ?route.via, "listener bound");
-                    self.active.insert(*key, (token, handle));
+                    self.active.insert(*key, (token, handles));
                 }
                 Err(e) => {
                     if self.failed.insert(*key) {
@@ -273,34 +311,53 @@ impl Reconciler {
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+/// Binds `count` listening sockets on `addr`, sharing it with
+/// `SO_REUSEPORT` when there is more than one. The sockets are not yet
+/// registered with a runtime: each worker does that for its own.
+fn bind(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, ListenError> {
     let err = |source| ListenError::Bind { addr, source };
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .map_err(err)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).map_err(err)?;
-    }
-    socket.set_reuse_address(true).map_err(err)?;
-    socket.set_nonblocking(true).map_err(err)?;
-    // Accepted sockets inherit these, so connections need no setsockopt.
-    crate::splice::tune_stream(&socket, Some(forward::KEEPALIVE)).map_err(err)?;
-    socket.bind(&addr.into()).map_err(err)?;
-    socket.listen(BACKLOG).map_err(err)?;
-    TcpListener::from_std(socket.into()).map_err(err)
+    (0..count.max(1))
+        .map(|_| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .map_err(err)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true).map_err(err)?;
+            }
+            socket.set_reuse_address(true).map_err(err)?;
+            if count > 1 {
+                socket.set_reuse_port(true).map_err(err)?;
+            }
+            socket.set_nonblocking(true).map_err(err)?;
+            // Accepted sockets inherit these, so connections need no setsockopt.
+            crate::splice::tune_stream(&socket, Some(forward::KEEPALIVE)).map_err(err)?;
+            socket.bind(&addr.into()).map_err(err)?;
+            socket.listen(BACKLOG).map_err(err)?;
+            Ok(socket.into())
+        })
+        .collect()
 }
 
+/// Accepts on one worker's socket until `stop`; every connection is
+/// forwarded by a task on this worker's runtime.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     addr: SocketAddr,
     stop: CancellationToken,
     routes: watch::Receiver<Arc<RouteTable>>,
     forwarder: Arc<Forwarder>,
     drain: Drain,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot register the listener with its worker");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -338,48 +395,47 @@ async fn accept_loop(
             service = %route.service.key,
             upstream = tracing::field::Empty,
         );
-        let fwd = forwarder.clone();
-        let cut = drain.cut_token().clone();
         drain
             .tracker()
-            .spawn(serve(fwd, stream, peer, route, cut).instrument(span));
+            .spawn(serve(forwarder.clone(), stream, peer, route).instrument(span));
     }
 }
 
-async fn serve(
+/// Forwards one accepted connection and logs how it ended. A block rather
+/// than an `async fn`: see [`crate::splice::forward`].
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores by-value arguments twice (rust-lang/rust#62958)"
+)]
+fn serve(
     forwarder: Arc<Forwarder>,
     stream: TcpStream,
     peer: SocketAddr,
     route: Route,
-    cut: CancellationToken,
-) {
-    let start = Instant::now();
-    let result = tokio::select! {
-        _ = cut.cancelled() => {
-            debug!("connection cut at shutdown");
-            return;
-        }
-        r = forwarder.handle(stream, peer, &route) => r,
-    };
-    let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    match result {
-        Ok(t) => debug!(
-            bytes_in = t.client_to_upstream,
-            bytes_out = t.upstream_to_client,
-            duration_ms,
-            "connection closed"
-        ),
-        Err(ProxyError::Forward(e)) => {
-            let t = e.transferred();
-            debug!(
+) -> impl Future<Output = ()> {
+    async move {
+        let start = Instant::now();
+        let result = forwarder.handle(stream, peer, &route).await;
+        let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match result {
+            Ok(t) => debug!(
                 bytes_in = t.client_to_upstream,
                 bytes_out = t.upstream_to_client,
                 duration_ms,
-                error = %e,
                 "connection closed"
-            )
+            ),
+            Err(ProxyError::Forward(e)) => {
+                let t = e.transferred();
+                debug!(
+                    bytes_in = t.client_to_upstream,
+                    bytes_out = t.upstream_to_client,
+                    duration_ms,
+                    error = %e,
+                    "connection closed"
+                )
+            }
+            Err(e) => debug!(duration_ms, error = %e, "connection refused"),
         }
-        Err(e) => debug!(duration_ms, error = %e, "connection refused"),
     }
 }
 
@@ -389,7 +445,11 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_and_keepalive() {
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 1)
+            .expect("bind")
+            .pop()
+            .expect("one socket");
+        let listener = TcpListener::from_std(socket).expect("register");
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
@@ -399,6 +459,48 @@ mod tests {
         assert_eq!(
             sock.tcp_keepalive_time().expect("keepidle"),
             forward::KEEPALIVE
+        );
+    }
+
+    #[tokio::test]
+    async fn workers_share_an_address_and_each_accepts() {
+        // A free port on an address no other test uses.
+        let ip = std::net::Ipv4Addr::new(127, 61, 0, 1);
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr = SocketAddr::from((ip, port));
+        let listeners: Vec<TcpListener> = bind(addr, 2)
+            .expect("two sockets on one address")
+            .into_iter()
+            .map(|s| TcpListener::from_std(s).expect("register"))
+            .collect();
+        assert!(listeners.iter().all(|l| l.local_addr().ok() == Some(addr)));
+        // The kernel hashes connections over the sockets: from enough client
+        // ports, each socket gets some.
+        let mut clients = Vec::new();
+        let mut accepted = [0usize; 2];
+        for _ in 0..64 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+            for (i, l) in listeners.iter().enumerate() {
+                while let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(20), l.accept()).await
+                {
+                    accepted[i] += 1;
+                }
+            }
+            if accepted.iter().all(|&n| n > 0) {
+                break;
+            }
+        }
+        assert!(
+            accepted.iter().all(|&n| n > 0),
+            "accepted per socket: {accepted:?}"
+        );
+        assert!(
+            bind(addr, 1).is_err(),
+            "an exclusive bind must not join the group"
         );
     }
 }

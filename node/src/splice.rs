@@ -31,11 +31,13 @@
 //! - any error (`ECONNRESET`, `EPIPE`, ...) ends the whole connection: both
 //!   sockets are closed and the error says which side failed and how many
 //!   bytes had been delivered;
-//! - with an idle timeout, a connection on which no byte moved in either
-//!   direction for that long is closed on both sides.
+//! - registered with [`Connections`], a connection can be ended from
+//!   outside: closed on both sides when no byte moved in either direction
+//!   for the idle timeout, or cut at the end of a shutdown's grace period,
+//!   with no timer or select in the connection's own task.
 //!
-//! This is the only module of the crate that contains `unsafe` code: three
-//! thin wrappers around `pipe2`, `fcntl` and `splice`.
+//! Its `unsafe` code is three thin wrappers around `pipe2`, `fcntl` and
+//! `splice` (the other module with any is [`crate::conns`]).
 //!
 //! Linux only. Splicing into a socket whose peer has gone raises `SIGPIPE`
 //! (the kernel offers no `MSG_NOSIGNAL` for `splice`), so the process must
@@ -54,7 +56,8 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+
+use crate::conns::{Connections, Ended, Watch};
 
 /// Pipe size requested per direction when splicing.
 ///
@@ -79,9 +82,9 @@ pub enum CopyMode {
 /// Per-connection forwarding settings.
 #[derive(Debug, Clone)]
 pub struct ForwardOptions {
-    /// Close both sides when no byte moved in either direction for this long.
-    /// `None` means never.
-    pub idle_timeout: Option<Duration>,
+    /// Where the connection is registered, to be closed when idle for the
+    /// registry's timeout or cut at shutdown. `None`: neither.
+    pub conns: Option<Connections>,
     /// Copy strategy.
     pub mode: CopyMode,
     /// Requested pipe size per direction for [`CopyMode::Splice`].
@@ -91,7 +94,7 @@ pub struct ForwardOptions {
 impl Default for ForwardOptions {
     fn default() -> Self {
         Self {
-            idle_timeout: None,
+            conns: None,
             mode: CopyMode::Splice,
             pipe_size: DEFAULT_PIPE_SIZE,
         }
@@ -155,6 +158,9 @@ pub enum ForwardError {
         timeout: Duration,
         transferred: Transferred,
     },
+    /// Cut at the end of a shutdown's grace period.
+    #[error("cut at shutdown ({transferred})")]
+    Cut { transferred: Transferred },
     /// The peer on `side` reset or aborted the connection
     /// (`ECONNRESET`, `ECONNABORTED`, `EPIPE`).
     #[error("{side} connection reset ({transferred})")]
@@ -179,6 +185,7 @@ impl ForwardError {
     pub fn transferred(&self) -> Transferred {
         match self {
             ForwardError::IdleTimeout { transferred, .. }
+            | ForwardError::Cut { transferred }
             | ForwardError::Reset { transferred, .. }
             | ForwardError::Io { transferred, .. } => *transferred,
         }
@@ -187,7 +194,7 @@ impl ForwardError {
     /// The side whose socket failed, if the error came from a socket.
     pub fn side(&self) -> Option<Side> {
         match self {
-            ForwardError::IdleTimeout { .. } => None,
+            ForwardError::IdleTimeout { .. } | ForwardError::Cut { .. } => None,
             ForwardError::Reset { side, .. } | ForwardError::Io { side, .. } => Some(*side),
         }
     }
@@ -242,13 +249,18 @@ pub fn tune_stream<S: AsFd>(s: &S, keepalive: Option<Duration>) -> io::Result<()
 
 /// Forwards bytes between `client` and `upstream` in both directions until
 /// both directions reached end-of-stream, one side failed, or the connection
-/// sat idle for `opts.idle_timeout`. Both sockets are closed on return.
-pub async fn forward(
+/// was ended by `opts.conns` (idle timeout or cut). Both sockets are
+/// closed on return.
+///
+/// Not an `async fn`, here and in the forwarding layers above: an `async
+/// fn` keeps its by-value arguments twice in its future (rust-lang/rust
+/// #62958), and every byte of the future is memory an idle connection holds.
+pub fn forward(
     client: TcpStream,
     upstream: TcpStream,
     opts: &ForwardOptions,
-) -> Result<Transferred, ForwardError> {
-    forward_with(client, upstream, opts, &take_pipe).await
+) -> impl Future<Output = Result<Transferred, ForwardError>> {
+    forward_with(client, upstream, opts, &take_pipe)
 }
 
 /// Connections that asked for splicing but were copied through buffers
@@ -279,61 +291,58 @@ fn note_fallback(err: &io::Error) {
 /// Where pipes come from: [`take_pipe`], or a failing source in tests.
 type PipeSource = dyn Fn(usize) -> io::Result<Pipe> + Sync;
 
-async fn forward_with(
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores by-value arguments twice (rust-lang/rust#62958)"
+)]
+fn forward_with(
     client: TcpStream,
     upstream: TcpStream,
     opts: &ForwardOptions,
     pipes: &PipeSource,
-) -> Result<Transferred, ForwardError> {
-    let counters = Counters::default();
-    let activity = Activity::new();
-    let outcome = {
-        let shared = Shared {
-            opts,
-            pipes,
-            counters: &counters,
-            activity: &activity,
-        };
-        let mut to_upstream = Direction::new(Side::Client);
-        let mut to_client = Direction::new(Side::Upstream);
-        // Both directions are polled by hand from one future: waiting uses
-        // the sockets' own reader/writer waker slots, so a connection's task
-        // stays small (idle connections are mostly task memory). The first
-        // error ends both directions; the sockets close when this returns.
-        let transfer = std::future::poll_fn(|cx| {
-            let a = to_upstream.poll(cx, &client, &upstream, &shared)?;
-            let b = to_client.poll(cx, &upstream, &client, &shared)?;
-            match (a, b) {
-                (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
-                _ => Poll::Pending,
-            }
-        });
-        match opts.idle_timeout {
-            None => transfer.await.map_err(Ended::Failed),
-            Some(timeout) => {
-                tokio::select! {
-                    r = transfer => r.map_err(Ended::Failed),
-                    () = idle_watch(&activity, timeout) => Err(Ended::Idle(timeout)),
+) -> impl Future<Output = Result<Transferred, ForwardError>> {
+    async move {
+        let counters = Counters::default();
+        // A local, so dropped (unwatched) before the captured sockets close.
+        let watch = opts.conns.as_ref().map(|c| c.watch(&client, &upstream));
+        let outcome = {
+            let shared = Shared {
+                opts,
+                pipes,
+                counters: &counters,
+            };
+            let mut to_upstream = Direction::new(Side::Client);
+            let mut to_client = Direction::new(Side::Upstream);
+            // Both directions are polled by hand from one future: waiting uses
+            // the sockets' own reader/writer waker slots, so a connection's task
+            // stays small (idle connections are mostly task memory). The first
+            // error ends both directions; the sockets close when this returns.
+            std::future::poll_fn(|cx| {
+                let a = to_upstream.poll(cx, &client, &upstream, &shared)?;
+                let b = to_client.poll(cx, &upstream, &client, &shared)?;
+                match (a, b) {
+                    (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+                    _ => Poll::Pending,
                 }
-            }
+            })
+            .await
+        };
+        // A connection shut down from outside ends as if both peers closed (or
+        // with an error from a socket already shut down): report why instead.
+        let ended = watch.and_then(Watch::finish);
+        drop(client);
+        drop(upstream);
+        let transferred = counters.snapshot();
+        match (ended, outcome) {
+            (Some(Ended::Idle(timeout)), _) => Err(ForwardError::IdleTimeout {
+                timeout,
+                transferred,
+            }),
+            (Some(Ended::Cut), _) => Err(ForwardError::Cut { transferred }),
+            (None, Ok(())) => Ok(transferred),
+            (None, Err((side, err))) => Err(ForwardError::from_io(side, err, transferred)),
         }
-    };
-    drop(client);
-    drop(upstream);
-    let transferred = counters.snapshot();
-    match outcome {
-        Ok(()) => Ok(transferred),
-        Err(Ended::Idle(timeout)) => Err(ForwardError::IdleTimeout {
-            timeout,
-            transferred,
-        }),
-        Err(Ended::Failed((side, err))) => Err(ForwardError::from_io(side, err, transferred)),
     }
-}
-
-enum Ended {
-    Idle(Duration),
-    Failed((Side, io::Error)),
 }
 
 #[derive(Default)]
@@ -359,41 +368,6 @@ impl Counters {
     }
 }
 
-/// Time of the last byte movement, as nanoseconds since `base`.
-struct Activity {
-    base: Instant,
-    last: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            base: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.fetch_max(nanos, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed))
-    }
-}
-
-/// Completes once nothing moved for `timeout`.
-async fn idle_watch(activity: &Activity, timeout: Duration) {
-    loop {
-        let deadline = activity.last() + timeout;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
-}
-
 type DirResult = Result<(), (Side, io::Error)>;
 
 /// What both directions of a connection share.
@@ -401,7 +375,6 @@ struct Shared<'a> {
     opts: &'a ForwardOptions,
     pipes: &'a PipeSource,
     counters: &'a Counters,
-    activity: &'a Activity,
 }
 
 /// Bytes read into a stack buffer before a direction commits to a pipe.
@@ -576,7 +549,6 @@ impl Direction {
             Err(e) if is_retry(&e) => return Ok(false),
             Err(e) => return Err((self.src_side, e)),
         }
-        sh.activity.touch();
         self.burst += got;
         let dst_side = self.src_side.other();
         let delivered = sh.counters.delivered_to(dst_side);
@@ -635,7 +607,6 @@ impl Direction {
             Ok(Some(n)) => {
                 self.held += n;
                 self.burst += n;
-                sh.activity.touch();
                 Ok(true)
             }
             Ok(None) => {
@@ -668,7 +639,6 @@ impl Direction {
                     .delivered_to(dst_side)
                     .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
                 self.read_stalled = false;
-                sh.activity.touch();
                 Ok(true)
             }
             Err(e) if is_retry(&e) => Ok(false),
@@ -1152,7 +1122,7 @@ mod tests {
 
     async fn idle_timeout(mode: CopyMode) {
         let opts = ForwardOptions {
-            idle_timeout: Some(Duration::from_millis(200)),
+            conns: Some(Connections::start(Some(Duration::from_millis(200))).expect("registry")),
             ..opts(mode)
         };
         let (mut client_app, mut server_app, handle) = proxied_pair(opts, None).await;

@@ -7,6 +7,7 @@ mod helpers;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,9 @@ use helpers::{
     Echo, closed_without_data, connect_echo, dead_port, eventually, manifest, roundtrip,
 };
 use strait_node::drain::Drain;
+use strait_node::workers::Workers;
 use strait_node::{Config, NodeState, listeners};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 fn static_config(dir: &Path, yaml: &str) -> Config {
@@ -130,7 +133,10 @@ async fn state_changes_never_cut_open_connections() {
     };
     let (tx, rx) = watch::channel(Arc::new(NodeState::unsynced()));
     let drain = Drain::new();
-    let ls = listeners::spawn(&cfg, rx, &drain, Default::default());
+    // Two workers: the listener is two SO_REUSEPORT sockets, and state
+    // changes must reach both.
+    let workers = Workers::start(NonZeroUsize::new(2).expect("2")).expect("workers");
+    let ls = listeners::spawn(&cfg, rx, &drain, Default::default(), workers).expect("listeners");
     assert!(ls.bound().is_empty(), "bound before the first full state");
 
     tx.send_replace(state_of(&[a.addr]));
@@ -321,4 +327,38 @@ async fn node_ports_lb_ips_and_external_traffic_policy() {
         );
     }
     agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_connections_finish_then_cuts_the_rest() {
+    let backend = Echo::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = Config {
+        drain_timeout: Duration::from_secs(2),
+        proxy_workers: NonZeroUsize::new(2).expect("2"),
+        ..static_config(
+            dir.path(),
+            &manifest("cut", "127.77.0.20", 9090, &[backend.addr]),
+        )
+    };
+    let vip: SocketAddr = "127.77.0.20:9090".parse().expect("vip");
+    let agent = strait_node::build(cfg).await.expect("build");
+    wait_bound(|| agent.listeners(), vip).await;
+    let mut open = connect_echo(vip).await;
+    roundtrip(&mut open, b"before shutdown\n").await;
+
+    // The open connection keeps working through the grace period, is cut
+    // at its end (the client reads end-of-stream), and shutdown returns.
+    let shutdown = tokio::spawn(agent.shutdown());
+    roundtrip(&mut open, b"during the grace period\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(60), open.read(&mut buf))
+        .await
+        .expect("cut within the deadline")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "connection cut at the end of the grace period");
+    tokio::time::timeout(Duration::from_secs(60), shutdown)
+        .await
+        .expect("shutdown returns")
+        .expect("shutdown task");
 }
