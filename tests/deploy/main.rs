@@ -2,7 +2,8 @@
 //! notify protocol (`READY=1`, `WATCHDOG=1` at half of `WATCHDOG_USEC`,
 //! `STOPPING=1`) read from a Unix datagram socket standing in for systemd,
 //! and `strait demo backend` / `strait demo probe` — the workloads and the
-//! client of the compose cluster — reaching a Service by its DNS name.
+//! client of the compose cluster — reaching a Service by its DNS name; and
+//! the unit and environment files as systemd and the binary read them.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
@@ -264,4 +265,63 @@ fn demo_probe_reaches_a_demo_backend_through_a_service_name() {
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("attempts=2 ok=0 failed=2"), "{stdout}");
+}
+
+/// The unit files as systemd itself parses them: `systemd-analyze verify`
+/// reports unknown keys, bad values and a missing `ExecStart` binary on
+/// stderr (its exit status stays 0 for most of them), so any output fails.
+/// The binary path is pointed at the one under test.
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    for name in ["strait-control.service", "strait-node.service"] {
+        let text = std::fs::read_to_string(units.join(name)).expect("read unit");
+        assert!(
+            text.contains("ExecStart=/usr/local/bin/strait "),
+            "{name}: ExecStart is not /usr/local/bin/strait"
+        );
+        let unit = dir.path().join(name);
+        std::fs::write(&unit, text.replace("/usr/local/bin/strait", BIN)).expect("write unit");
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no", "--recursive-errors=no"])
+            .arg(&unit)
+            .output()
+            .expect("run systemd-analyze (Debian package systemd; .ci/run installs it)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{name}: systemd-analyze verify: {}\n{stderr}",
+            out.status
+        );
+    }
+}
+
+/// Every variable the example environment files set is one the binary
+/// reads (`[env: …]` in its `--help`), so the examples cannot drift from
+/// the flags.
+#[test]
+fn systemd_env_examples_only_set_variables_the_binary_reads() {
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    for (file, command) in [("control.env", "control"), ("node.env", "node")] {
+        let help = Command::new(BIN)
+            .args([command, "--help"])
+            .output()
+            .expect("run strait --help");
+        let help = String::from_utf8_lossy(&help.stdout);
+        let text = std::fs::read_to_string(units.join(file)).expect("read env file");
+        let vars: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        assert!(!vars.is_empty(), "{file} sets nothing");
+        for var in vars {
+            assert!(
+                help.contains(&format!("[env: {var}=")),
+                "{file} sets {var}, which `strait {command}` does not read"
+            );
+        }
+    }
 }
