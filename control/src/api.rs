@@ -104,28 +104,33 @@ impl Writer {
         let span = tracing::Span::current();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let metrics = self.raft.metrics().borrow_watched().clone();
-            if let Some(leader) = metrics.current_leader {
-                span.record("strait.leader", leader);
-                span.record("strait.forwarded", leader != metrics.id);
-            }
-            let resp = match metrics.current_leader {
-                Some(leader) if leader == metrics.id => self.write_local(cmd.clone()).await,
-                Some(leader) => {
-                    let addr = metrics
-                        .membership_config
+            // Who leads and where, read in place: cloning the whole
+            // metrics (membership, replication map) per write is not free.
+            let (id, leader, leader_addr) = {
+                let rx = self.raft.metrics();
+                let m = rx.borrow_watched();
+                let addr = m.current_leader.filter(|&l| l != m.id).and_then(|l| {
+                    m.membership_config
                         .membership()
-                        .get_node(&leader)
-                        .map(|n| n.addr.clone());
-                    match addr {
-                        Some(addr) => self
-                            .peers
-                            .forward_write(&addr, &cmd)
-                            .await
-                            .map_err(|e| Status::unavailable(e.to_string())),
-                        None => Err(Status::unavailable("leader address unknown")),
-                    }
-                }
+                        .get_node(&l)
+                        .map(|n| n.addr.clone())
+                });
+                (m.id, m.current_leader, addr)
+            };
+            if let Some(leader) = leader {
+                span.record("strait.leader", leader);
+                span.record("strait.forwarded", leader != id);
+            }
+            let resp = match leader {
+                Some(leader) if leader == id => self.write_local(cmd.clone()).await,
+                Some(_) => match leader_addr {
+                    Some(addr) => self
+                        .peers
+                        .forward_write(&addr, &cmd)
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string())),
+                    None => Err(Status::unavailable("leader address unknown")),
+                },
                 None => Err(Status::unavailable("no leader elected yet")),
             };
             match resp {

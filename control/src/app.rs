@@ -56,6 +56,10 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// A node silent this long is marked Ready=False.
     pub node_grace: Duration,
+    /// openraft's election timeout range. A follower stands for election
+    /// after the leader's lease (the range's maximum) plus a random timeout
+    /// from the range: with (100, 200), 300–400 ms of silence, six or more
+    /// missed heartbeats.
     pub election_timeout_ms: (u64, u64),
     /// mTLS certificate, key and CA bundle (a control identity); `None`:
     /// plaintext (`--insecure`, `strait dev`), logged as a warning.
@@ -83,7 +87,7 @@ impl Default for Config {
             snapshot_every: 10_000,
             heartbeat_ms: 50,
             node_grace: Duration::from_secs(10),
-            election_timeout_ms: (150, 300),
+            election_timeout_ms: (100, 200),
             tls: None,
             metrics_listen: None,
         }

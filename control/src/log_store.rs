@@ -2,36 +2,49 @@
 //! crashes comes back with exactly the log, vote and commit point it had acknowledged.
 //!
 //! [`LogStore`] implements openraft's [`RaftLogStorage`] and [`RaftLogReader`] for any
-//! [`RaftTypeConfig`]. Entries, votes and log ids are stored as JSON (serde) in two redb tables:
+//! [`RaftTypeConfig`]. Entries, votes and log ids are stored as postcard (serde, binary) in two
+//! redb tables:
 //!
 //! - `raft_log`: log index (`u64`) to the serialized entry;
 //! - `raft_meta`: the vote, the last committed log id, the last purged log id and the on-disk
-//!   format version.
+//!   format version (the version as JSON text, so that any build can read it).
+//!
+//! Writes go through one writer thread per store that takes every operation queued since its
+//! last commit and writes them in one redb transaction committed with
+//! [`Durability::Immediate`] (one fsync for the group: group commit). The tail of the log is also
+//! kept in memory, decoded, so that replication and apply read recent entries without touching
+//! redb or decoding anything.
 //!
 //! Durability contract (see [`RaftLogStorage`]):
 //!
-//! - every mutation is one redb write transaction committed with [`Durability::Immediate`]
-//!   (fsync) before the call returns, so `save_vote` is durable on return and `append` calls its
-//!   [`IOFlushed`] callback only once the whole batch is on disk;
+//! - `append` returns once the batch is queued (openraft's "submitted": readers see it at once,
+//!   from memory) and calls its [`IOFlushed`] callback only once the transaction holding the
+//!   whole batch is on disk;
+//! - `save_vote`, `save_committed`, `truncate_after` and `purge` return only once their
+//!   transaction is on disk; the queue is written in order, so they are also behind every append
+//!   submitted before them;
 //! - `append` refuses a batch that would leave a hole or silently overwrite entries (openraft
 //!   truncates conflicting entries before it appends);
-//! - `truncate_after` never removes an entry at or below the persisted committed log id;
+//! - `truncate_after` never removes an entry at or below the saved committed log id;
 //! - `purge` removes entries and records `last_purged_log_id` in the same transaction, so the
 //!   log state is consistent after a crash at any point.
 //!
-//! The blocking redb commits run on a blocking thread provided by the configured
-//! [`openraft::AsyncRuntime`], never on the async executor thread. Reads are short redb read
-//! transactions, each of which sees one consistent snapshot.
+//! Reads of entries that have left the in-memory tail are short redb read transactions, each of
+//! which sees one consistent snapshot; entries leave the tail only once they are on disk.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fmt::Debug;
 use std::io;
-use std::marker::PhantomData;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::MutexGuard;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use openraft::OptionalSend;
 use openraft::RaftLogReader;
@@ -42,7 +55,6 @@ use openraft::entry::RaftEntry;
 use openraft::storage::IOFlushed;
 use openraft::storage::LogState;
 use openraft::storage::RaftLogStorage;
-use openraft::type_config::TypeConfigExt;
 use redb::Database;
 use redb::Durability;
 use redb::ReadableDatabase;
@@ -52,9 +64,9 @@ use redb::WriteTransaction;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Log entries: index -> JSON-encoded `C::Entry`.
+/// Log entries: index -> postcard-encoded `C::Entry`.
 const LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// Raft metadata: key -> JSON-encoded value.
+/// Raft metadata: key -> postcard-encoded value (the format version: JSON text).
 const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 const KEY_FORMAT_VERSION: &str = "format_version";
@@ -63,14 +75,21 @@ const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged_log_id";
 
 /// Version of the on-disk layout written by this module. Bump it (and add a migration) whenever
-/// the tables or the encoding change.
-pub const FORMAT_VERSION: u64 = 1;
+/// the tables or the encoding change. 1: JSON values; 2: postcard values.
+pub const FORMAT_VERSION: u64 = 2;
 
 /// At most this many entries are returned by one `limited_get_log_entries` call.
 const MAX_ENTRIES_PER_READ: usize = 4096;
 /// `limited_get_log_entries` stops once it has read this many encoded bytes (it always returns at
 /// least one entry when the range holds one).
 const MAX_BYTES_PER_READ: usize = 8 * 1024 * 1024;
+/// Entries kept in memory once they are on disk: enough for every follower within a snapshot
+/// interval's reach under load to be served without a redb read.
+const TAIL_ENTRIES: usize = 8192;
+/// ... and at most this many encoded bytes of them (objects may be up to 1 MiB).
+const TAIL_BYTES: usize = 64 * 1024 * 1024;
+/// At most this many queued operations go into one transaction.
+const MAX_GROUP: usize = 1024;
 
 /// Errors raised by [`LogStore`].
 ///
@@ -103,20 +122,19 @@ pub enum LogStoreError {
     Encode {
         /// What was being encoded, e.g. `"log entry 42"`.
         what: String,
-        /// Underlying serde_json error.
+        /// Underlying postcard error.
         #[source]
-        source: serde_json::Error,
+        source: postcard::Error,
     },
 
     /// A stored value could not be deserialized: the file is corrupt or was written with another
     /// `RaftTypeConfig`.
-    #[error("raft log store: cannot decode stored {what}")]
+    #[error("raft log store: cannot decode stored {what}: {reason}")]
     Decode {
         /// What was being decoded, e.g. `"log entry 42"` or `"vote"`.
         what: String,
-        /// Underlying serde_json error.
-        #[source]
-        source: serde_json::Error,
+        /// What the decoder said.
+        reason: String,
     },
 
     /// The database was written with an on-disk format version this build does not understand.
@@ -149,7 +167,7 @@ pub enum LogStoreError {
         got: u64,
     },
 
-    /// A truncation would remove an entry at or below the persisted committed log id, which Raft
+    /// A truncation would remove an entry at or below the saved committed log id, which Raft
     /// never allows.
     #[error(
         "refusing to truncate the raft log from index {from}: entries up to the committed index {committed} must be kept"
@@ -157,7 +175,7 @@ pub enum LogStoreError {
     TruncateCommitted {
         /// First index the truncation would remove.
         from: u64,
-        /// Index of the persisted committed log id.
+        /// Index of the saved committed log id.
         committed: u64,
     },
 
@@ -170,14 +188,20 @@ pub enum LogStoreError {
         found: u64,
     },
 
-    /// The blocking thread that runs a redb write could not be run or was lost.
-    #[error("raft log store: the blocking task for {op} failed")]
-    Background {
+    /// The writer thread could not be started, or is gone (a previous write failed fatally).
+    #[error("raft log store: the writer thread is not running ({op})")]
+    Writer {
         /// The store operation that was running.
         op: &'static str,
-        /// Error reported by the async runtime.
-        #[source]
-        source: io::Error,
+    },
+
+    /// A group transaction failed; every operation in it gets this error.
+    #[error("raft log store: the write of a group holding {op} failed: {reason}")]
+    Group {
+        /// The store operation that was queued.
+        op: &'static str,
+        /// The error of the transaction.
+        reason: String,
     },
 }
 
@@ -197,7 +221,8 @@ impl LogStoreError {
             LogStoreError::Open { .. }
             | LogStoreError::Redb { .. }
             | LogStoreError::Encode { .. }
-            | LogStoreError::Background { .. } => io::ErrorKind::Other,
+            | LogStoreError::Writer { .. }
+            | LogStoreError::Group { .. } => io::ErrorKind::Other,
         }
     }
 }
@@ -224,23 +249,155 @@ where
 
 /// Durable Raft log + vote store backed by one redb database.
 ///
-/// Cheap to clone: every clone shares the same database handle, so a clone is what
-/// [`RaftLogStorage::get_log_reader`] hands to openraft's replication tasks.
+/// Cheap to clone: every clone shares the same database handle, in-memory tail and writer
+/// thread, so a clone is what [`RaftLogStorage::get_log_reader`] hands to openraft's replication
+/// tasks. The writer thread stops (and the file can be opened again) once the last clone is
+/// dropped.
 pub struct LogStore<C: RaftTypeConfig> {
-    inner: Arc<Inner>,
-    _config: PhantomData<fn() -> C>,
+    inner: Arc<Inner<C>>,
 }
 
-struct Inner {
+struct Inner<C: RaftTypeConfig> {
     db: Arc<Database>,
     path: Option<PathBuf>,
+    tail: Arc<Mutex<Tail<C>>>,
+    writer: Mutex<Option<mpsc::Sender<Op<C>>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<C: RaftTypeConfig> Drop for Inner<C> {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has written what is queued.
+        drop(lock(&self.writer).take());
+        if let Some(thread) = lock(&self.thread).take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the raft log writer thread panicked");
+        }
+    }
+}
+
+/// The log as submitted, in memory: the last entries (consecutive), and what appends, truncation
+/// and purges must be checked against without reading redb.
+struct Tail<C: RaftTypeConfig> {
+    /// Consecutive entries ending at the last submitted one, each with its encoded size;
+    /// those before them are in redb.
+    entries: VecDeque<(C::Entry, usize)>,
+    /// Index of `entries[0]` (or where it would be).
+    first: u64,
+    /// The only index the next append may start at; `None`: an empty, never purged log, which
+    /// may start anywhere.
+    next: Option<u64>,
+    /// Encoded size of `entries`.
+    bytes: usize,
+    /// The last log id saved as committed.
+    committed: Option<LogIdOf<C>>,
+    /// The last purged log id.
+    purged: Option<LogIdOf<C>>,
+    /// Bumped by every truncation: the writer evicts entries only while no truncation was
+    /// submitted after what it just wrote.
+    generation: u64,
+}
+
+impl<C: RaftTypeConfig> Tail<C> {
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+            self.first += 1;
+        }
+    }
+
+    /// Keeps the first `keep` entries.
+    fn truncate(&mut self, keep: usize) {
+        for (_, size) in self.entries.drain(keep.min(self.entries.len())..) {
+            self.bytes -= size;
+        }
+    }
+}
+
+impl<C: RaftTypeConfig> Tail<C>
+where
+    C::Entry: Clone,
+{
+    /// Clones the entries in `[start, end)` that are in memory, if `start` is: at most `limit`
+    /// of them, stopping once `max_bytes` encoded bytes are taken (always at least one).
+    fn get(
+        &self,
+        start: u64,
+        end: Option<u64>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<C::Entry>> {
+        if start < self.first {
+            return None;
+        }
+        let from = usize::try_from(start - self.first).ok()?;
+        let to = match end {
+            Some(end) => usize::try_from(end.saturating_sub(self.first))
+                .unwrap_or(usize::MAX)
+                .min(self.entries.len()),
+            None => self.entries.len(),
+        };
+        if from >= to {
+            return Some(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (entry, size) in self.entries.range(from..to.min(from.saturating_add(limit))) {
+            if !out.is_empty() && bytes.saturating_add(*size) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(*size);
+            out.push(entry.clone());
+        }
+        Some(out)
+    }
+}
+
+/// One queued write.
+enum Op<C: RaftTypeConfig> {
+    Append {
+        batch: Vec<(u64, Vec<u8>)>,
+        generation: u64,
+        callback: IOFlushed<C>,
+    },
+    Meta {
+        key: &'static str,
+        bytes: Vec<u8>,
+        done: Done,
+    },
+    Truncate {
+        from: u64,
+        done: Done,
+    },
+    Purge {
+        upto: u64,
+        bytes: Vec<u8>,
+        done: Done,
+    },
+}
+
+type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+impl<C: RaftTypeConfig> Op<C> {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Append { .. } => "append log entries",
+            Op::Meta { key, .. } => key,
+            Op::Truncate { .. } => "truncate the log",
+            Op::Purge { .. } => "purge the log",
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<C: RaftTypeConfig> Clone for LogStore<C> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
-            _config: PhantomData,
         }
     }
 }
@@ -253,7 +410,10 @@ impl<C: RaftTypeConfig> Debug for LogStore<C> {
     }
 }
 
-impl<C: RaftTypeConfig> LogStore<C> {
+impl<C: RaftTypeConfig> LogStore<C>
+where
+    C::Entry: Clone,
+{
     /// Opens (creating if absent) the redb database at `path` and prepares the log tables.
     ///
     /// redb allows one open handle per file: opening a path that is already open (for instance
@@ -291,14 +451,20 @@ impl<C: RaftTypeConfig> LogStore<C> {
         self.inner.path.as_deref()
     }
 
-    /// Creates the tables and checks (or records) the on-disk format version.
+    /// Creates the tables, checks (or records) the on-disk format version, loads the log state
+    /// and starts the writer thread.
     fn init(db: Arc<Database>, path: Option<PathBuf>) -> Result<LogStore<C>, LogStoreError> {
         const OP: &str = "initialise the log tables";
         write_durably(&db, OP, |txn| {
             txn.open_table(LOG_TABLE).op(OP)?;
             let mut meta = txn.open_table(META_TABLE).op(OP)?;
             let found = match meta.get(KEY_FORMAT_VERSION).op(OP)? {
-                Some(v) => Some(decode::<u64>(v.value(), || "format version".to_string())?),
+                Some(v) => Some(serde_json::from_slice::<u64>(v.value()).map_err(|e| {
+                    LogStoreError::Decode {
+                        what: "format version".into(),
+                        reason: e.to_string(),
+                    }
+                })?),
                 None => None,
             };
             match found {
@@ -308,28 +474,59 @@ impl<C: RaftTypeConfig> LogStore<C> {
                     expected: FORMAT_VERSION,
                 }),
                 None => {
-                    let bytes = encode(&FORMAT_VERSION, || "format version".to_string())?;
-                    meta.insert(KEY_FORMAT_VERSION, bytes.as_slice()).op(OP)?;
+                    let bytes = FORMAT_VERSION.to_string();
+                    meta.insert(KEY_FORMAT_VERSION, bytes.as_bytes()).op(OP)?;
                     Ok(())
                 }
             }
         })?;
+        let tail = Arc::new(Mutex::new(load_tail::<C>(&db)?));
+        let (tx, rx) = mpsc::channel();
+        let writer_db = Arc::clone(&db);
+        let writer_tail = Arc::clone(&tail);
+        let thread = std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || run_writer::<C>(&writer_db, &writer_tail, rx))
+            .map_err(|_| LogStoreError::Writer { op: OP })?;
         Ok(LogStore {
-            inner: Arc::new(Inner { db, path }),
-            _config: PhantomData,
+            inner: Arc::new(Inner {
+                db,
+                path,
+                tail,
+                writer: Mutex::new(Some(tx)),
+                thread: Mutex::new(Some(thread)),
+            }),
         })
     }
 
-    /// Runs `f` (a durable redb write) on a blocking thread of the configured async runtime.
-    async fn run_write<T, F>(&self, op: &'static str, f: F) -> Result<T, LogStoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, LogStoreError> + Send + 'static,
-    {
-        let db = Arc::clone(&self.inner.db);
-        C::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|source| LogStoreError::Background { op, source })?
+    fn tail(&self) -> MutexGuard<'_, Tail<C>> {
+        lock(&self.inner.tail)
+    }
+
+    /// Queues `op` for the writer thread.
+    fn submit(&self, op: Op<C>) -> Result<(), LogStoreError> {
+        let name = op.name();
+        let writer = lock(&self.inner.writer);
+        let sent = writer.as_ref().map(|tx| tx.send(op));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(LogStoreError::Writer { op: name }),
+        }
+    }
+
+    /// Queues `op` (built around a completion sender) and waits until it is on disk.
+    async fn write_and_wait(
+        &self,
+        op: &'static str,
+        make: impl FnOnce(Done) -> Op<C>,
+    ) -> Result<(), LogStoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(make(tx))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(LogStoreError::Group { op, reason }),
+            Err(_) => Err(LogStoreError::Writer { op }),
+        }
     }
 
     /// Reads one metadata value in its own read transaction.
@@ -337,60 +534,81 @@ impl<C: RaftTypeConfig> LogStore<C> {
         &self,
         key: &'static str,
     ) -> Result<Option<T>, LogStoreError> {
-        const OP: &str = "read raft metadata";
-        let txn = self.inner.db.begin_read().op(OP)?;
-        let meta = txn.open_table(META_TABLE).op(OP)?;
-        let value = meta.get(key).op(OP)?;
-        value
-            .map(|v| decode(v.value(), || key.to_string()))
-            .transpose()
+        read_meta(&self.inner.db, key)
     }
 
-    /// Writes one metadata value durably.
-    async fn write_meta<T: Serialize>(
-        &self,
-        op: &'static str,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), LogStoreError> {
-        let bytes = encode(value, || key.to_string())?;
-        self.run_write(op, move |db| {
-            write_durably(db, op, |txn| {
-                let mut meta = txn.open_table(META_TABLE).op(op)?;
-                meta.insert(key, bytes.as_slice()).op(op)?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    /// Reads the log state: last purged log id and last log id, from one read transaction.
+    /// Reads the log state from memory (the last entry from redb when none is in memory).
     fn log_state(&self) -> Result<LogState<C>, LogStoreError> {
-        const OP: &str = "read the log state";
-        let txn = self.inner.db.begin_read().op(OP)?;
-        let meta = txn.open_table(META_TABLE).op(OP)?;
-        let last_purged: Option<LogIdOf<C>> = match meta.get(KEY_LAST_PURGED).op(OP)? {
-            Some(v) => Some(decode(v.value(), || KEY_LAST_PURGED.to_string())?),
+        let (purged, on_disk) = {
+            let tail = self.tail();
+            if let Some((e, _)) = tail.entries.back() {
+                return Ok(LogState {
+                    last_purged_log_id: tail.purged.clone(),
+                    last_log_id: Some(e.log_id()),
+                });
+            }
+            let purged_index = tail.purged.as_ref().map(|p| p.index());
+            let on_disk = tail
+                .first
+                .checked_sub(1)
+                .filter(|&i| purged_index.is_none_or(|p| p < i));
+            (tail.purged.clone(), on_disk)
+        };
+        let last = match on_disk {
+            Some(index) => self.read_disk(index, Some(index + 1), false)?.pop(),
             None => None,
         };
-        let log = txn.open_table(LOG_TABLE).op(OP)?;
-        let last_log_id = match log.last().op(OP)? {
-            Some((k, v)) => {
-                let index = k.value();
-                let entry: C::Entry = decode(v.value(), || format!("log entry {index}"))?;
-                Some(entry.log_id())
-            }
-            None => last_purged.clone(),
-        };
         Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id,
+            last_log_id: last.map(|e| e.log_id()).or_else(|| purged.clone()),
+            last_purged_log_id: purged,
         })
     }
 
-    /// Reads the entries in `[start, end)` (`end == None`: to the end of the log) from one read
-    /// transaction, optionally stopping early at the per-read limits. Fails on a hole.
+    /// Reads the entries in `[start, end)` (`end == None`: to the end of the log): from memory
+    /// what is there, the rest from redb read transactions. `limited` stops early at the
+    /// per-read limits. Fails on a hole.
     fn read_entries(
+        &self,
+        start: u64,
+        end: Option<u64>,
+        limited: bool,
+    ) -> Result<Vec<C::Entry>, LogStoreError> {
+        let (limit, max_bytes) = if limited {
+            (MAX_ENTRIES_PER_READ, MAX_BYTES_PER_READ)
+        } else {
+            (usize::MAX, usize::MAX)
+        };
+        let mut out = Vec::new();
+        let mut cursor = start;
+        while end.is_none_or(|e| cursor < e) && out.len() < limit {
+            let first = {
+                let tail = self.tail();
+                if let Some(entries) = tail.get(cursor, end, limit - out.len(), max_bytes) {
+                    out.extend(entries);
+                    break;
+                }
+                tail.first
+            };
+            // Before the tail everything is on disk. The tail may move on meanwhile (entries
+            // leave it once written), so the rest is looked up again.
+            let disk_end = end.map_or(first, |e| e.min(first));
+            // The log may also start after `cursor` (nothing on disk before the tail).
+            let entries = self.read_disk(cursor, Some(disk_end), limited)?;
+            let reaches_tail = entries
+                .last()
+                .is_none_or(|e| e.index().checked_add(1) == Some(disk_end));
+            let read_some = !entries.is_empty();
+            out.extend(entries);
+            if !reaches_tail || (limited && read_some) {
+                break;
+            }
+            cursor = disk_end;
+        }
+        Ok(out)
+    }
+
+    /// Reads `[start, end)` from redb.
+    fn read_disk(
         &self,
         start: u64,
         end: Option<u64>,
@@ -442,7 +660,48 @@ impl<C: RaftTypeConfig> LogStore<C> {
     }
 }
 
-impl<C: RaftTypeConfig> RaftLogReader<C> for LogStore<C> {
+/// The log state as redb holds it, for a store just opened.
+fn load_tail<C: RaftTypeConfig>(db: &Database) -> Result<Tail<C>, LogStoreError> {
+    const OP: &str = "read the log state";
+    let purged: Option<LogIdOf<C>> = read_meta(db, KEY_LAST_PURGED)?;
+    let committed: Option<LogIdOf<C>> = read_meta(db, KEY_COMMITTED)?;
+    let txn = db.begin_read().op(OP)?;
+    let log = txn.open_table(LOG_TABLE).op(OP)?;
+    let last = log.last().op(OP)?.map(|(k, _)| k.value());
+    let next = match last {
+        Some(last) => Some(last.saturating_add(1)),
+        // An empty log that was never purged may start anywhere (openraft starts at 0, a store
+        // seeded by tests may not).
+        None => purged.as_ref().map(|p| p.index().saturating_add(1)),
+    };
+    Ok(Tail {
+        entries: VecDeque::new(),
+        first: next.unwrap_or(0),
+        next,
+        bytes: 0,
+        committed,
+        purged,
+        generation: 0,
+    })
+}
+
+fn read_meta<T: DeserializeOwned>(
+    db: &Database,
+    key: &'static str,
+) -> Result<Option<T>, LogStoreError> {
+    const OP: &str = "read raft metadata";
+    let txn = db.begin_read().op(OP)?;
+    let meta = txn.open_table(META_TABLE).op(OP)?;
+    let value = meta.get(key).op(OP)?;
+    value
+        .map(|v| decode(v.value(), || key.to_string()))
+        .transpose()
+}
+
+impl<C: RaftTypeConfig> RaftLogReader<C> for LogStore<C>
+where
+    C::Entry: Clone,
+{
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -466,7 +725,10 @@ impl<C: RaftTypeConfig> RaftLogReader<C> for LogStore<C> {
     }
 }
 
-impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
+impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C>
+where
+    C::Entry: Clone,
+{
     type LogReader = LogStore<C>;
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
@@ -478,7 +740,14 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
-        self.write_meta("save the vote", KEY_VOTE, vote).await?;
+        const OP: &str = "save the vote";
+        let bytes = encode(vote, || KEY_VOTE.to_string())?;
+        self.write_and_wait(OP, |done| Op::Meta {
+            key: KEY_VOTE,
+            bytes,
+            done,
+        })
+        .await?;
         tracing::debug!(vote = %vote, "raft vote saved");
         Ok(())
     }
@@ -489,7 +758,14 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
             // openraft never moves the commit point back to "nothing"; keep what is stored.
             return Ok(());
         };
-        self.write_meta(OP, KEY_COMMITTED, &committed).await?;
+        let bytes = encode(&committed, || KEY_COMMITTED.to_string())?;
+        self.tail().committed = Some(committed.clone());
+        self.write_and_wait(OP, |done| Op::Meta {
+            key: KEY_COMMITTED,
+            bytes,
+            done,
+        })
+        .await?;
         tracing::trace!(committed = %committed, "raft committed log id saved");
         Ok(())
     }
@@ -503,8 +779,9 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // Encode on the caller's thread; the batch must be consecutive.
+        // Encode on the caller's thread; the batch must be consecutive and continue the log.
         let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut decoded = Vec::new();
         for entry in entries {
             let index = entry.index();
             if let Some(&(prev, _)) = batch.last()
@@ -514,7 +791,10 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
                 return Err(fail_callback(callback, err));
             }
             match encode(&entry, || format!("log entry {index}")) {
-                Ok(bytes) => batch.push((index, bytes)),
+                Ok(bytes) => {
+                    decoded.push((entry, bytes.len()));
+                    batch.push((index, bytes));
+                }
                 Err(err) => return Err(fail_callback(callback, err)),
             }
         }
@@ -522,121 +802,182 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
             callback.io_completed(Ok(()));
             return Ok(());
         };
-        let count = batch.len();
-
-        let res = self
-            .run_write("append log entries", move |db| append_batch::<C>(db, batch))
-            .await;
-        match res {
-            Ok(()) => {
-                tracing::debug!(first, last, count, "raft log entries appended");
-                callback.io_completed(Ok(()));
-                Ok(())
+        let generation = {
+            let mut tail = self.tail();
+            if let Some(expected) = tail.next
+                && first != expected
+            {
+                drop(tail);
+                let err = LogStoreError::NonContiguousAppend {
+                    expected,
+                    got: first,
+                };
+                return Err(fail_callback(callback, err));
             }
-            Err(err) => {
-                tracing::error!(first, last, count, error = %err, "raft log append failed");
-                Err(fail_callback(callback, err))
+            if tail.entries.is_empty() {
+                tail.first = first;
             }
+            tail.bytes += decoded.iter().map(|(_, size)| size).sum::<usize>();
+            tail.entries.extend(decoded);
+            tail.next = Some(last.saturating_add(1));
+            tail.generation
+        };
+        tracing::trace!(first, last, "raft log entries submitted");
+        if let Err(err) = self.submit(Op::Append {
+            batch,
+            generation,
+            callback,
+        }) {
+            // The callback went down with the queue; openraft stops on this error.
+            return Err(err.into());
         }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         const OP: &str = "truncate the log";
         let from = match &last_log_id {
-            Some(id) => id.index.saturating_add(1),
+            Some(id) => id.index().saturating_add(1),
             None => 0,
         };
-        self.run_write(OP, move |db| {
-            write_durably(db, OP, |txn| {
-                let meta = txn.open_table(META_TABLE).op(OP)?;
-                let committed: Option<LogIdOf<C>> = match meta.get(KEY_COMMITTED).op(OP)? {
-                    Some(v) => Some(decode(v.value(), || KEY_COMMITTED.to_string())?),
-                    None => None,
-                };
-                if let Some(committed) = committed
-                    && from <= committed.index
-                {
-                    return Err(LogStoreError::TruncateCommitted {
-                        from,
-                        committed: committed.index,
-                    });
+        {
+            let mut tail = self.tail();
+            if let Some(committed) = &tail.committed
+                && from <= committed.index()
+            {
+                return Err(LogStoreError::TruncateCommitted {
+                    from,
+                    committed: committed.index(),
                 }
-                let mut log = txn.open_table(LOG_TABLE).op(OP)?;
-                log.retain_in::<u64, _>(from.., |_, _| false).op(OP)?;
-                Ok(())
-            })
-        })
-        .await?;
+                .into());
+            }
+            tail.generation += 1;
+            if from < tail.first {
+                tail.truncate(0);
+                tail.first = from;
+            } else {
+                let keep = usize::try_from(from - tail.first).unwrap_or(usize::MAX);
+                tail.truncate(keep);
+            }
+            tail.next = match (&last_log_id, tail.next) {
+                (_, None) => None,
+                (Some(_), Some(next)) => Some(from.min(next)),
+                (None, Some(_)) => tail.purged.as_ref().map(|p| p.index().saturating_add(1)),
+            };
+        }
+        self.write_and_wait(OP, |done| Op::Truncate { from, done })
+            .await?;
         tracing::debug!(from, "raft log truncated");
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
         const OP: &str = "purge the log";
-        let upto = log_id.index;
+        let upto = log_id.index();
         let bytes = encode(&log_id, || KEY_LAST_PURGED.to_string())?;
-        let purged = self
-            .run_write(OP, move |db| {
-                write_durably(db, OP, |txn| {
-                    let mut meta = txn.open_table(META_TABLE).op(OP)?;
-                    let prev: Option<LogIdOf<C>> = match meta.get(KEY_LAST_PURGED).op(OP)? {
-                        Some(v) => Some(decode(v.value(), || KEY_LAST_PURGED.to_string())?),
-                        None => None,
-                    };
-                    if prev.is_some_and(|prev| prev.index >= upto) {
-                        // Already purged at least this far: purging is idempotent and never
-                        // moves back.
-                        return Ok(false);
-                    }
-                    meta.insert(KEY_LAST_PURGED, bytes.as_slice()).op(OP)?;
-                    let mut log = txn.open_table(LOG_TABLE).op(OP)?;
-                    log.retain_in::<u64, _>(..=upto, |_, _| false).op(OP)?;
-                    Ok(true)
-                })
-            })
-            .await?;
-        if purged {
-            tracing::debug!(upto, "raft log purged");
+        {
+            let mut tail = self.tail();
+            if tail.purged.as_ref().is_some_and(|p| p.index() >= upto) {
+                // Already purged at least this far: purging is idempotent and never moves back.
+                return Ok(());
+            }
+            tail.purged = Some(log_id.clone());
+            while tail.entries.front().is_some_and(|(e, _)| e.index() <= upto) {
+                tail.pop_front();
+            }
+            if tail.first <= upto {
+                tail.first = upto + 1;
+            }
+            tail.next = Some(tail.next.unwrap_or(0).max(upto.saturating_add(1)));
         }
+        self.write_and_wait(OP, |done| Op::Purge { upto, bytes, done })
+            .await?;
+        tracing::debug!(upto, "raft log purged");
         Ok(())
     }
 }
 
-/// Writes a batch in one durable transaction, refusing anything that would not extend the log.
-fn append_batch<C: RaftTypeConfig>(
-    db: &Database,
-    batch: Vec<(u64, Vec<u8>)>,
-) -> Result<(), LogStoreError> {
-    const OP: &str = "append log entries";
-    let Some(&(first, _)) = batch.first() else {
-        return Ok(());
-    };
+/// The writer thread: writes every queued operation, in order, a group per transaction.
+fn run_writer<C: RaftTypeConfig>(db: &Database, tail: &Mutex<Tail<C>>, rx: mpsc::Receiver<Op<C>>) {
+    while let Ok(op) = rx.recv() {
+        let mut group = vec![op];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = write_group(db, &group);
+        if let Err(err) = &result {
+            tracing::error!(ops = group.len(), error = %err, "raft log write failed");
+        }
+        // Entries this group wrote may leave memory, unless a truncation was submitted after
+        // them (what is in memory past that point is not what is on disk).
+        if result.is_ok()
+            && let Some((written, generation)) = group.iter().rev().find_map(|op| match op {
+                Op::Append {
+                    batch, generation, ..
+                } => batch.last().map(|(i, _)| (*i, *generation)),
+                _ => None,
+            })
+        {
+            let mut tail = lock(tail);
+            if tail.generation == generation {
+                while (tail.entries.len() > TAIL_ENTRIES || tail.bytes > TAIL_BYTES)
+                    && tail
+                        .entries
+                        .front()
+                        .is_some_and(|(e, _)| e.index() <= written)
+                {
+                    tail.pop_front();
+                }
+            }
+        }
+        let failed = |op: &'static str| match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(LogStoreError::Group {
+                op,
+                reason: e.to_string(),
+            }),
+        };
+        for op in group {
+            let name = op.name();
+            match op {
+                Op::Append { callback, .. } => callback.io_completed(
+                    failed(name).map_err(|e| io::Error::new(e.io_kind(), e.to_string())),
+                ),
+                Op::Meta { done, .. } | Op::Truncate { done, .. } | Op::Purge { done, .. } => {
+                    let _ = done.send(failed(name).map_err(|e| e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a group of operations in one durable transaction.
+fn write_group<C: RaftTypeConfig>(db: &Database, group: &[Op<C>]) -> Result<(), LogStoreError> {
+    const OP: &str = "write a group of log operations";
     write_durably(db, OP, |txn| {
         let mut log = txn.open_table(LOG_TABLE).op(OP)?;
-        let last_index = log.last().op(OP)?.map(|(k, _)| k.value());
-        let expected = match last_index {
-            Some(last) => Some(last.saturating_add(1)),
-            None => {
-                let meta = txn.open_table(META_TABLE).op(OP)?;
-                let purged: Option<LogIdOf<C>> = match meta.get(KEY_LAST_PURGED).op(OP)? {
-                    Some(v) => Some(decode(v.value(), || KEY_LAST_PURGED.to_string())?),
-                    None => None,
-                };
-                // An empty log that was never purged may start anywhere (openraft starts at 0,
-                // a store seeded by tests may not).
-                purged.map(|p| p.index.saturating_add(1))
+        let mut meta = txn.open_table(META_TABLE).op(OP)?;
+        for op in group {
+            match op {
+                Op::Append { batch, .. } => {
+                    for (index, bytes) in batch {
+                        log.insert(*index, bytes.as_slice()).op(OP)?;
+                    }
+                }
+                Op::Meta { key, bytes, .. } => {
+                    meta.insert(*key, bytes.as_slice()).op(OP)?;
+                }
+                Op::Truncate { from, .. } => {
+                    log.retain_in::<u64, _>(*from.., |_, _| false).op(OP)?;
+                }
+                Op::Purge { upto, bytes, .. } => {
+                    meta.insert(KEY_LAST_PURGED, bytes.as_slice()).op(OP)?;
+                    log.retain_in::<u64, _>(..=*upto, |_, _| false).op(OP)?;
+                }
             }
-        };
-        if let Some(expected) = expected
-            && first != expected
-        {
-            return Err(LogStoreError::NonContiguousAppend {
-                expected,
-                got: first,
-            });
-        }
-        for (index, bytes) in &batch {
-            log.insert(*index, bytes.as_slice()).op(OP)?;
         }
         Ok(())
     })
@@ -676,7 +1017,7 @@ fn encode<T: Serialize + ?Sized>(
     value: &T,
     what: impl FnOnce() -> String,
 ) -> Result<Vec<u8>, LogStoreError> {
-    serde_json::to_vec(value).map_err(|source| LogStoreError::Encode {
+    postcard::to_allocvec(value).map_err(|source| LogStoreError::Encode {
         what: what(),
         source,
     })
@@ -686,9 +1027,9 @@ fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     what: impl FnOnce() -> String,
 ) -> Result<T, LogStoreError> {
-    serde_json::from_slice(bytes).map_err(|source| LogStoreError::Decode {
+    postcard::from_bytes(bytes).map_err(|e| LogStoreError::Decode {
         what: what(),
-        source,
+        reason: e.to_string(),
     })
 }
 
@@ -732,6 +1073,7 @@ mod tests {
     use openraft::storage::SnapshotMeta;
     use openraft::testing::log::StoreBuilder;
     use openraft::testing::log::Suite;
+    use openraft::type_config::TypeConfigExt;
 
     use super::*;
 

@@ -197,7 +197,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let mut store = watch::write(&self.shared);
                     let applied = store.state_mut().apply(&cmd, index);
                     span.record("strait.changes", applied.changes.len());
-                    store.publish(&applied, index, now);
+                    store.publish(applied.changes, index, now);
                     Response(applied.outcome)
                 }
             };

@@ -1,7 +1,8 @@
 //! Raft transport between replicas over tonic: the client side openraft
 //! calls (`RaftNetworkFactory`/`RaftNetworkV2`, one lazily connected channel
 //! per peer) and the `Raft` gRPC service that hands received messages to the
-//! local openraft. Payloads are openraft's own serde types as JSON.
+//! local openraft. Payloads are openraft's own serde types as postcard
+//! (compact binary serde); the snapshot header is JSON.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,7 +44,7 @@ pub enum NetError {
     Rpc { addr: String, status: Status },
     /// A payload that does not (de)serialize.
     #[error("bad raft payload: {0}")]
-    Codec(#[from] serde_json::Error),
+    Codec(#[from] postcard::Error),
 }
 
 /// One lazily connected channel per peer address, shared by Raft
@@ -130,14 +131,14 @@ impl Peers {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<RaftPayload, serde_json::Error> {
+fn encode<T: Serialize>(v: &T) -> Result<RaftPayload, postcard::Error> {
     Ok(RaftPayload {
-        data: serde_json::to_vec(v)?,
+        data: postcard::to_allocvec(v)?,
     })
 }
 
-fn decode<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, serde_json::Error> {
-    serde_json::from_slice(&p.data)
+fn decode<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, postcard::Error> {
+    postcard::from_bytes(&p.data)
 }
 
 /// Creates one client per peer.
@@ -303,7 +304,7 @@ impl RaftService {
     }
 }
 
-fn bad(e: serde_json::Error) -> Status {
+fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("bad raft payload: {e}"))
 }
 

@@ -44,22 +44,59 @@ pub enum Command {
     },
 }
 
-/// Raft log entries and messages are JSON; object bytes go in them as
-/// base64 (a JSON array of numbers would be ~3.5 times larger).
+/// Object bytes in Raft log entries and messages: raw bytes in binary
+/// formats (postcard, the log and the wire), base64 in JSON (a JSON array of
+/// numbers would be ~3.5 times larger).
 mod base64_bytes {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
+        if s.is_human_readable() {
+            s.serialize_str(&STANDARD.encode(bytes))
+        } else {
+            s.serialize_bytes(bytes)
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        if !d.is_human_readable() {
+            return <serde_bytes_buf::Buf>::deserialize(d).map(|b| b.0);
+        }
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         STANDARD
             .decode(text.as_bytes())
             .map_err(serde::de::Error::custom)
+    }
+
+    /// `Vec<u8>` deserialized from serde bytes (serde's own `Vec<u8>` impl
+    /// expects a sequence).
+    mod serde_bytes_buf {
+        use std::fmt;
+
+        use serde::de::{Deserialize, Deserializer, Error, Visitor};
+
+        pub struct Buf(pub Vec<u8>);
+
+        impl<'de> Deserialize<'de> for Buf {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = Buf;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("bytes")
+                    }
+                    fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Buf, E> {
+                        Ok(Buf(v.to_vec()))
+                    }
+                    fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Buf, E> {
+                        Ok(Buf(v))
+                    }
+                }
+                d.deserialize_byte_buf(V)
+            }
+        }
     }
 }
 
@@ -306,11 +343,11 @@ impl State {
                 };
             }
         };
-        let (object, result, changed) = (plan.object.clone(), plan.result, plan.changed);
-        if !changed {
+        let result = plan.result;
+        if !plan.changed {
             return Applied {
                 outcome: Ok(Outcome {
-                    object: object.encode_to_vec(),
+                    object: plan.object.encode_to_vec(),
                     result: result.into(),
                     revision: self.revision,
                 }),
@@ -645,7 +682,7 @@ impl State {
             self.objects.entry(kind).or_default().remove(&key);
             changes.push(Change {
                 event: EventType::Deleted,
-                object: o.clone(),
+                object: o,
             });
         } else {
             if let Some(m) = o.metadata_mut() {
@@ -664,17 +701,16 @@ impl State {
                 .entry(kind)
                 .or_default()
                 .insert(key.clone(), o.clone());
-            changes.push(Change {
-                event,
-                object: o.clone(),
-            });
+            changes.push(Change { event, object: o });
         }
+        // The object itself is the first change, in both branches.
+        let o = &changes[0].object;
         match kind {
             Kind::Service => {
                 affected.insert(key.clone());
             }
             Kind::Pod => {
-                for p in [plan.old.as_ref(), (!plan.delete).then_some(&o)]
+                for p in [plan.old.as_ref(), (!plan.delete).then_some(o)]
                     .into_iter()
                     .flatten()
                 {

@@ -12,7 +12,7 @@ use strait_proto::frame::EncodedWatchResponse;
 use strait_proto::v1::{EventType, WatchEvent, WatchResponse};
 use tokio::sync::broadcast;
 
-use crate::state::{Applied, Change, State, now_unix_nanos};
+use crate::state::{Change, State, now_unix_nanos};
 
 /// Why a watch could not start.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,10 +56,10 @@ pub struct Store {
 /// The handle everyone shares.
 pub type Shared = Arc<RwLock<Store>>;
 
-fn to_event(c: &Change) -> WatchEvent {
+fn to_event(c: Change) -> WatchEvent {
     WatchEvent {
         r#type: c.event as i32,
-        object: Some(c.object.clone()),
+        object: Some(c.object),
     }
 }
 
@@ -88,14 +88,15 @@ impl Store {
     /// Publishes what an apply changed as one revision, encoded once for
     /// every watcher. `commit_time_unix_nanos` is the time the write carries
     /// (stamped when it was accepted, before the Raft round).
-    pub fn publish(&mut self, applied: &Applied, revision: u64, commit_time_unix_nanos: i64) {
-        if applied.changes.is_empty() {
+    /// Takes the changes by value: their objects move into the response.
+    pub fn publish(&mut self, changes: Vec<Change>, revision: u64, commit_time_unix_nanos: i64) {
+        if changes.is_empty() {
             return;
         }
         let applied_unix_nanos = now_unix_nanos();
         let resp = Arc::new(EncodedWatchResponse::new(&WatchResponse {
             revision,
-            events: applied.changes.iter().map(to_event).collect(),
+            events: changes.into_iter().map(to_event).collect(),
             initial: false,
             commit_time_unix_nanos,
         }));
@@ -234,7 +235,7 @@ pub(crate) mod tests {
         let applied = store.state_mut().apply(&cmd, index);
         assert!(applied.outcome.is_ok(), "{:?}", applied.outcome);
         store.publish(
-            &applied,
+            applied.changes,
             index,
             1_000 + i64::try_from(index).expect("small"),
         );

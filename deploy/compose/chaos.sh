@@ -302,7 +302,7 @@ scenario_leader_kill() {
   finish
 }
 
-# Freeze the leader well beyond the election timeout (150-300 ms), resume it.
+# Freeze the leader well beyond the election timeout (300-400 ms of silence), resume it.
 scenario_leader_pause() {
   local old new t0
   old=$(leader); [ "$old" -gt 0 ] || { violation "no leader before the fault"; return; }
