@@ -541,10 +541,10 @@ scenario_rolling_restart() {
   for id in "${ids[@]}"; do [ "$id" = "$l" ] || order+=("$id"); done
   for id in "${order[@]}"; do
     l=$(leader)
-    log "docker stop strait-control-$id$([ "$id" = "$l" ] && echo ' (the leader)'), docker start it"
+    log "docker stop strait-control-$id$([ "$id" = "$l" ] && echo ' (the leader)' || true), docker start it"
     t0=$(now_ms)
     docker stop "strait-control-$id" >/dev/null
-    figures+=" control${id}_stop_ms=$(($(now_ms) - t0))$([ "$id" = "$l" ] && echo '(leader)')"
+    figures+=" control${id}_stop_ms=$(($(now_ms) - t0))$([ "$id" = "$l" ] && echo '(leader)' || true)"
     code=$(docker inspect -f '{{.State.ExitCode}}' "strait-control-$id")
     [ "$code" = 0 ] || violation "a replica stopped with SIGTERM exits on its own: control-$id exit code $code"
     docker start "strait-control-$id" >/dev/null
@@ -563,11 +563,15 @@ scenario_rolling_restart() {
 }
 
 # Samples `get nodes` every 200 ms in the background (NAME STATUS per line).
+# Serializable: a replica's own applied state, readable while no leader
+# answers read-index requests (a linearizable read would fail exactly while
+# a stopping leader misbehaves).
 start_node_sampler() {
   : >"$work/node-samples"; rm -f "$work/stop-sampler"
   (
     while [ ! -e "$work/stop-sampler" ]; do
-      cli "$(all_servers)" get nodes 2>/dev/null | awk 'NR>1 {print $1, $2}' >>"$work/node-samples"
+      cli "$(all_servers)" get nodes --consistency serializable 2>/dev/null \
+        | awk 'NR>1 {print $1, $2}' >>"$work/node-samples"
       sleep 0.2
     done
   ) &
