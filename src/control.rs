@@ -159,7 +159,12 @@ pub async fn run(args: ControlArgs, tls: &crate::client::TlsArgs) -> anyhow::Res
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             crate::systemd::stopping();
-            bound.shutdown().await;
+            // Each step of the shutdown is bounded; a second signal ends
+            // the process at once all the same.
+            tokio::select! {
+                () = bound.shutdown() => {}
+                _ = shutdown_signal() => tracing::warn!("second signal: exiting without finishing the shutdown"),
+            }
             Ok(())
         }
     }

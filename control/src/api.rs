@@ -161,6 +161,9 @@ pub struct ResourcesApi {
     raft: Arc<Raft>,
     shared: Shared,
     metrics: Arc<Metrics>,
+    /// Turns true when the replica starts shutting down: open watches end
+    /// and new ones are refused, so their clients resume on another replica.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ResourcesApi {
@@ -170,7 +173,14 @@ impl ResourcesApi {
             raft,
             shared,
             metrics,
+            stopping: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Ends every watch when `stopping` turns true (see `app::Bound::shutdown`).
+    pub fn with_shutdown(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// Counts a finished write and records its outcome on the request span.
@@ -496,6 +506,9 @@ impl resources_server::Resources for ResourcesApi {
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = req.into_inner();
+        if *self.stopping.borrow() {
+            return Err(shutting_down(req.revision));
+        }
         let kinds = req
             .kinds
             .iter()
@@ -506,9 +519,31 @@ impl resources_server::Resources for ResourcesApi {
             .map_err(|e| match e {
                 WatchError::Compacted { .. } => Status::failed_precondition(e.to_string()),
             })?;
-        let watcher = Watcher::new(start, kinds, self.shared.clone(), self.metrics.clone());
+        let watcher = Watcher::new(
+            start,
+            req.revision,
+            kinds,
+            self.shared.clone(),
+            self.metrics.clone(),
+            self.stopping.clone(),
+        );
         Ok(Response::new(Box::pin(watcher.into_stream())))
     }
+}
+
+/// Resolves once `stopping` is true; never, if nobody can set it any more.
+pub(crate) async fn until_stopping(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    if stopping.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// What a watcher gets when this replica stops: Unavailable, which watch
+/// clients take as "resume from your revision on another replica".
+fn shutting_down(revision: u64) -> Status {
+    Status::unavailable(format!(
+        "control replica shutting down; resume from revision {revision} on another replica"
+    ))
 }
 
 /// One watcher's stream: initial state or backlog, then live revisions, each
@@ -525,6 +560,8 @@ struct Watcher {
     progress: tokio::time::Interval,
     shared: Shared,
     metrics: Arc<Metrics>,
+    /// True once the replica is shutting down.
+    stopping: tokio::sync::watch::Receiver<bool>,
     /// A lagged watcher gets its error, then the stream ends.
     ended: bool,
     _open: WatcherGuard,
@@ -534,7 +571,17 @@ struct Watcher {
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 impl Watcher {
-    fn new(start: watch::Start, kinds: Vec<Kind>, shared: Shared, metrics: Arc<Metrics>) -> Self {
+    /// `from`: the revision the client is current to (0: none). A replica
+    /// that has not applied it yet (a follower a little behind the one the
+    /// client left) must not send it the revisions up to it again.
+    fn new(
+        start: watch::Start,
+        from: u64,
+        kinds: Vec<Kind>,
+        shared: Shared,
+        metrics: Arc<Metrics>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let watch::Start {
             initial,
             backlog,
@@ -544,7 +591,7 @@ impl Watcher {
             pending: initial.into_iter().chain(backlog).collect(),
             live,
             kinds,
-            last: 0,
+            last: from,
             progress: tokio::time::interval_at(
                 tokio::time::Instant::now() + PROGRESS_EVERY,
                 PROGRESS_EVERY,
@@ -552,6 +599,7 @@ impl Watcher {
             shared,
             _open: metrics.watcher_opened(),
             metrics,
+            stopping,
             ended: false,
         }
     }
@@ -580,6 +628,10 @@ impl Watcher {
         if self.ended {
             return None;
         }
+        if *self.stopping.borrow() {
+            self.ended = true;
+            return Some(Err(shutting_down(self.last)));
+        }
         while let Some(resp) = self.pending.pop_front() {
             self.last = resp.revision();
             if let Some(frame) = self.frame(&resp) {
@@ -588,6 +640,10 @@ impl Watcher {
         }
         loop {
             tokio::select! {
+                () = until_stopping(&mut self.stopping) => {
+                    self.ended = true;
+                    return Some(Err(shutting_down(self.last)));
+                }
                 msg = self.live.recv() => match msg {
                     Ok(resp) => {
                         if resp.revision() <= self.last && !resp.initial() {
@@ -800,7 +856,8 @@ mod tests {
             let shared: Shared = Arc::new(RwLock::new(store(100)));
             let start = watch::read(&shared).subscribe(0).expect("subscribe");
             let metrics = Arc::new(Metrics::new());
-            let mut w = Watcher::new(start, vec![Kind::Pod], shared.clone(), metrics);
+            let (_keep, stopping) = tokio::sync::watch::channel(false);
+            let mut w = Watcher::new(start, 0, vec![Kind::Pod], shared.clone(), metrics, stopping);
             let initial = w.next().await.expect("open").expect("initial state");
             assert_eq!(initial.events(), 0);
             apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
@@ -813,5 +870,57 @@ mod tests {
             }
             assert!(seen.contains(&(1, 1)), "round {round}: {seen:?}");
         }
+    }
+
+    /// A replica that starts shutting down ends an idle watch with
+    /// Unavailable (the client resumes elsewhere), then the stream ends.
+    #[tokio::test]
+    async fn shutdown_ends_an_open_watch() {
+        let shared: Shared = Arc::new(RwLock::new(store(100)));
+        apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
+        let start = watch::read(&shared).subscribe(0).expect("subscribe");
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut w = Watcher::new(
+            start,
+            0,
+            vec![Kind::Pod],
+            shared,
+            Arc::new(Metrics::new()),
+            stopping,
+        );
+        w.next().await.expect("open").expect("initial state");
+        let waiting = tokio::spawn(async move {
+            let end = w.next().await;
+            (end, w.next().await.is_none())
+        });
+        stop.send_replace(true);
+        let (end, then_closed) = waiting.await.expect("watcher task");
+        let status = end.expect("an answer").expect_err("an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("revision 1"), "{status:?}");
+        assert!(then_closed);
+    }
+
+    /// A watch resumed from revision 2 on a replica that has applied only
+    /// revision 1 gets revision 3 first, not revision 2 again.
+    #[tokio::test]
+    async fn resuming_on_a_replica_behind_skips_what_the_client_has() {
+        let shared: Shared = Arc::new(RwLock::new(store(100)));
+        apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
+        let start = watch::read(&shared).subscribe(2).expect("subscribe");
+        let (_keep, stopping) = tokio::sync::watch::channel(false);
+        let mut w = Watcher::new(
+            start,
+            2,
+            vec![Kind::Pod],
+            shared.clone(),
+            Arc::new(Metrics::new()),
+            stopping,
+        );
+        apply_pod(&mut watch::write(&shared), 2, "10.0.0.2");
+        apply_pod(&mut watch::write(&shared), 3, "10.0.0.3");
+        let frame = w.next().await.expect("open").expect("frame");
+        let resp = WatchResponse::decode(frame.to_vec().as_slice()).expect("decodes");
+        assert_eq!(resp.revision, 3);
     }
 }

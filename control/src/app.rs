@@ -1,6 +1,8 @@
 //! Wiring of one control-plane replica: storage, state machine, Raft, and
 //! the gRPC server, from a parsed `Config`. `build` returns the bound
-//! address and handles so tests and `strait dev` can start it on port 0.
+//! address and handles so tests and `strait dev` can start it on port 0;
+//! `Bound::shutdown` stops it in an order that keeps the data plane whole
+//! (leader duties first, then leadership, then watches and the server).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -146,19 +148,76 @@ pub struct Bound {
     shutdown: Option<oneshot::Sender<()>>,
     metrics_shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Set first when shutting down: the liveness loop ends.
+    duties_stop: tokio::sync::watch::Sender<bool>,
+    liveness: JoinHandle<()>,
+    /// Set once leadership is handed off: open watches end.
+    watches_stop: tokio::sync::watch::Sender<bool>,
 }
 
+/// How long a stopping leader waits for a voter to take over.
+const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long in-flight requests get once watches have ended.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long Raft gets to stop.
+const RAFT_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Bound {
-    /// Stops serving and shuts Raft down.
+    /// Stops the replica, each step bounded so it ends within seconds:
+    ///
+    /// 1. the replica stops standing for election (a follower that stops
+    ///    hearing its leader while the server drains must not campaign and
+    ///    push every term up), and the leader's duties (node liveness, pod
+    ///    expiry) stop while heartbeats are still taken, so no node is
+    ///    judged by heartbeats this replica refused;
+    /// 2. a leader hands leadership to the most up-to-date voter
+    ///    (openraft's leader transfer), so writes move on without waiting
+    ///    for an election timeout;
+    /// 3. open watches end with Unavailable (their clients resume from
+    ///    their revision on another replica) and the gRPC server drains the
+    ///    requests in flight, then stops (aborted if they take too long);
+    /// 4. Raft shuts down. Every log write was fsynced when it returned.
     pub async fn shutdown(mut self) {
+        let id = self.raft.metrics().borrow_watched().id;
+        let started = tokio::time::Instant::now();
+        let ms = || started.elapsed().as_millis() as u64;
+        self.raft.runtime_config().elect(false);
+        self.duties_stop.send_replace(true);
+        if let Err(e) = (&mut self.liveness).await {
+            tracing::warn!(error = %e, "liveness loop ended abnormally");
+        }
+        tracing::info!(id, elapsed_ms = ms(), "leader duties stopped");
+        hand_off_leadership(&self.raft, HAND_OFF_TIMEOUT).await;
+        self.watches_stop.send_replace(true);
+        tracing::info!(id, elapsed_ms = ms(), "watches ended; draining requests");
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(tx) = self.metrics_shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.server).await;
-        let _ = self.raft.shutdown().await;
+        match tokio::time::timeout(DRAIN_TIMEOUT, &mut self.server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = DRAIN_TIMEOUT.as_millis() as u64,
+                    "gRPC requests still in flight; closing their connections"
+                );
+                self.server.abort();
+            }
+        }
+        tracing::info!(id, elapsed_ms = ms(), "gRPC server stopped");
+        match tokio::time::timeout(RAFT_STOP_TIMEOUT, self.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "raft stopped with an error"),
+            Err(_) => tracing::warn!(
+                timeout_ms = RAFT_STOP_TIMEOUT.as_millis() as u64,
+                "raft did not stop in time"
+            ),
+        }
+        tracing::info!(id, elapsed_ms = ms(), "control replica stopped");
     }
 
     /// Resolves when the server stops on its own (an error).
@@ -278,12 +337,16 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
 
     let writer = Writer::new(raft.clone(), shared.clone(), peers_net);
     let metrics = Arc::new(Metrics::new());
-    let resources = ResourcesServer::new(ResourcesApi::new(
-        writer.clone(),
-        raft.clone(),
-        shared.clone(),
-        metrics.clone(),
-    ))
+    let (watches_stop, watches_stop_rx) = tokio::sync::watch::channel(false);
+    let resources = ResourcesServer::new(
+        ResourcesApi::new(
+            writer.clone(),
+            raft.clone(),
+            shared.clone(),
+            metrics.clone(),
+        )
+        .with_shutdown(watches_stop_rx),
+    )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let heartbeats = Heartbeats::default();
@@ -292,12 +355,14 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         shared.clone(),
         heartbeats.clone(),
     ));
-    liveness::spawn(
+    let (duties_stop, duties_stop_rx) = tokio::sync::watch::channel(false);
+    let liveness = liveness::spawn(
         raft.clone(),
         shared.clone(),
         writer.clone(),
         heartbeats.clone(),
         cfg.node_grace,
+        duties_stop_rx,
     );
     let nodes = NodesServer::new(NodesApi::new(heartbeats, raft.clone()));
     let raft_svc = tonic::service::interceptor::InterceptedService::new(
@@ -373,7 +438,77 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         shutdown: Some(tx),
         metrics_shutdown: Some(metrics_tx),
         server,
+        duties_stop,
+        liveness,
+        watches_stop,
     })
+}
+
+/// If this replica leads, asks the voter with the most of the log matched
+/// to take over (openraft's leader transfer: the leader stops proposing,
+/// the target elects itself at once when its log is complete) and waits up
+/// to `timeout` until this replica follows the new leader: requests still
+/// in flight here (a write being retried) are then forwarded to it instead
+/// of waiting for a leader this replica would never hear of once its server
+/// stops. Without such a voter (a single replica) or in time, the replica
+/// stops anyway: the others elect a leader after their election timeout.
+pub async fn hand_off_leadership(raft: &Raft, timeout: Duration) {
+    let m = raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(m.id) {
+        return;
+    }
+    let matched = |v: &u64| {
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(v).cloned().flatten())
+            .map(|l| l.index)
+    };
+    let Some(to) = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|v| *v != m.id)
+        .max_by_key(|v| (matched(v), std::cmp::Reverse(*v)))
+    else {
+        tracing::info!(
+            id = m.id,
+            "stopping leader has no other voter to hand off to"
+        );
+        return;
+    };
+    tracing::info!(
+        id = m.id,
+        to,
+        matched = ?matched(&to),
+        last_log_index = ?m.last_log_index,
+        "stopping leader hands leadership off"
+    );
+    if let Err(e) = raft.trigger().transfer_leader(to).await {
+        tracing::warn!(to, error = %e, "leader transfer not started");
+        return;
+    }
+    let mut rx = raft.metrics();
+    let moved = tokio::time::timeout(timeout, async {
+        loop {
+            let leader = rx.borrow_watched().current_leader;
+            if leader.is_some_and(|l| l != m.id) {
+                return leader;
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await;
+    match moved {
+        Ok(leader) => tracing::info!(id = m.id, leader = ?leader, "leadership handed off"),
+        Err(_) => tracing::warn!(
+            id = m.id,
+            to,
+            timeout_ms = timeout.as_millis() as u64,
+            "leadership not handed off in time; the others elect after their timeout"
+        ),
+    }
 }
 
 /// Waits until some replica is leader (as this one sees it), up to `timeout`.

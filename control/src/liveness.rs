@@ -3,7 +3,9 @@
 //! period Ready=False (its Pods' endpoints turn unready in the same
 //! revision), marks it Ready again when heartbeats return, and removes
 //! terminating Pods whose grace period has ended. Every decision is written
-//! through Raft, so the state stays deterministic.
+//! through Raft, so the state stays deterministic. A replica that is
+//! stopping ends these duties before it stops taking heartbeats, so it never
+//! judges a node by heartbeats it refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -136,75 +138,95 @@ fn with_ready(node: &Object, ready: bool, now: i64) -> Option<Object> {
     Some(n.into())
 }
 
-/// Runs the leader's periodic duties until the process ends.
+/// Runs the leader's periodic duties until `stop` turns true (the replica
+/// is shutting down). A round in progress is abandoned there: it was
+/// decided on heartbeats this replica did receive, and a write already
+/// proposed may still commit.
 pub fn spawn(
     raft: Arc<Raft>,
     shared: Shared,
     writer: Writer,
     heartbeats: Heartbeats,
     grace: Duration,
-) {
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut leader_since: Option<Instant> = None;
         loop {
-            tick.tick().await;
-            let m = raft.metrics().borrow_watched().clone();
-            if m.current_leader != Some(m.id) {
-                leader_since = None;
-                continue;
-            }
-            // A new leader gives every node a full grace period.
-            let since = *leader_since.get_or_insert_with(Instant::now);
-            let now = now_unix_nanos();
-            let (expired, nodes) = {
-                let store = watch::read(&shared);
-                let nodes: Vec<Object> =
-                    store.state().list(Some(Kind::Node), "").cloned().collect();
-                (store.state().expired_pods(now), nodes)
-            };
-            for (namespace, name) in expired {
-                let cmd = Command::Delete {
-                    kind: "Pod".into(),
-                    namespace,
-                    name: name.clone(),
-                    resource_version: String::new(),
-                    now_unix_nanos: now,
-                    grace_seconds: Some(0),
-                };
-                if let Err(e) = writer.write_local(cmd).await {
-                    tracing::warn!(pod = %name, error = %e, "removing a terminated pod failed; will retry");
-                }
-            }
-            for node in nodes {
-                let name = node.name().to_string();
-                let seen = heartbeats.last(&name).map_or(since, |t| t.max(since));
-                let silent = seen.elapsed() >= grace;
-                let ready = ready_condition(&node).is_none_or(|s| s == "True");
-                let next = match (ready, silent) {
-                    (true, true) => with_ready(&node, false, now),
-                    (false, false) if heartbeats.last(&name).is_some_and(|t| t >= since) => {
-                        with_ready(&node, true, now)
-                    }
-                    _ => None,
-                };
-                let Some(next) = next else { continue };
-                let cmd = Command::Apply {
-                    object: next.encode_to_vec(),
-                    now_unix_nanos: now,
-                };
-                match writer.write_local(cmd).await {
-                    Ok(r) if r.0.is_ok() => {
-                        tracing::info!(node = %name, ready = !ready, "node readiness changed")
-                    }
-                    Ok(r) => {
-                        tracing::debug!(node = %name, result = ?r.0, "node readiness update refused; will retry")
-                    }
-                    Err(e) => {
-                        tracing::warn!(node = %name, error = %e, "node readiness update failed; will retry")
-                    }
-                }
+            tokio::select! {
+                () = crate::api::until_stopping(&mut stop) => break,
+                _ = round(&raft, &shared, &writer, &heartbeats, grace, &mut leader_since, &mut tick) => {}
             }
         }
-    });
+    })
+}
+
+/// One round of the leader's duties: waits for the next tick, then acts if
+/// this replica leads.
+async fn round(
+    raft: &Raft,
+    shared: &Shared,
+    writer: &Writer,
+    heartbeats: &Heartbeats,
+    grace: Duration,
+    leader_since: &mut Option<Instant>,
+    tick: &mut tokio::time::Interval,
+) {
+    tick.tick().await;
+    let m = raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(m.id) {
+        *leader_since = None;
+        return;
+    }
+    // A new leader gives every node a full grace period.
+    let since = *leader_since.get_or_insert_with(Instant::now);
+    let now = now_unix_nanos();
+    let (expired, nodes) = {
+        let store = watch::read(shared);
+        let nodes: Vec<Object> = store.state().list(Some(Kind::Node), "").cloned().collect();
+        (store.state().expired_pods(now), nodes)
+    };
+    for (namespace, name) in expired {
+        let cmd = Command::Delete {
+            kind: "Pod".into(),
+            namespace,
+            name: name.clone(),
+            resource_version: String::new(),
+            now_unix_nanos: now,
+            grace_seconds: Some(0),
+        };
+        if let Err(e) = writer.write_local(cmd).await {
+            tracing::warn!(pod = %name, error = %e, "removing a terminated pod failed; will retry");
+        }
+    }
+    for node in nodes {
+        let name = node.name().to_string();
+        let seen = heartbeats.last(&name).map_or(since, |t| t.max(since));
+        let silent = seen.elapsed() >= grace;
+        let ready = ready_condition(&node).is_none_or(|s| s == "True");
+        let next = match (ready, silent) {
+            (true, true) => with_ready(&node, false, now),
+            (false, false) if heartbeats.last(&name).is_some_and(|t| t >= since) => {
+                with_ready(&node, true, now)
+            }
+            _ => None,
+        };
+        let Some(next) = next else { continue };
+        let cmd = Command::Apply {
+            object: next.encode_to_vec(),
+            now_unix_nanos: now,
+        };
+        match writer.write_local(cmd).await {
+            Ok(r) if r.0.is_ok() => {
+                tracing::info!(node = %name, ready = !ready, "node readiness changed")
+            }
+            Ok(r) => {
+                tracing::debug!(node = %name, result = ?r.0, "node readiness update refused; will retry")
+            }
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "node readiness update failed; will retry")
+            }
+        }
+    }
 }

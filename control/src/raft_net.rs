@@ -14,7 +14,8 @@ use std::time::Duration;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -252,6 +253,21 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         .map_err(rpc_error)
     }
 
+    /// A stopping leader's hand-off (see `app::Bound::shutdown`). A peer
+    /// that does not know the call (an older version) answers Unimplemented:
+    /// Unreachable to openraft, and that peer elects after its timeout.
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&req, option.hard_ttl(), |mut c, r| async move {
+            c.transfer_leader(r).await
+        })
+        .await
+        .map_err(rpc_error)
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,
@@ -378,6 +394,19 @@ impl raft_server::Raft for RaftService {
             .await
             .map_err(|e| Status::unavailable(format!("read index: {e}")))?;
         reply(&read_log_id.index())
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, Status> {
+        let rpc: TransferLeaderRequest<TypeConfig> = decode(req.get_ref()).map_err(bad)?;
+        let resp = self
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        reply(&resp)
     }
 
     async fn forward_write(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Chaos on the compose cluster: faults injected with `docker kill`,
-# `docker pause`, `docker network disconnect` and `docker restart`, and
+# `docker pause`, `docker network disconnect` and `docker stop` (SIGTERM), and
 # membership changes with `strait cluster remove-member/add-member`, while a
 # writer applies objects and clients send traffic; each scenario checks
 # named invariants and prints its figures. Brings the cluster up (building
@@ -522,21 +522,31 @@ scenario_control_outage() {
   finish nodes
 }
 
-# Restart the replicas one at a time (kill -9 and start, as the process
-# suite does) under write and traffic load, each time waiting until the
-# cluster has converged again. Not `docker restart`: a replica stopped with
-# SIGTERM while it leads keeps leading while it drains its watch streams
-# (until docker's 10 s grace ends) but no longer takes node heartbeats, so
-# it marks every Node NotReady and traffic fails.
+# Restart the replicas one at a time, gracefully, the leader first:
+# `docker stop` (SIGTERM; docker's SIGKILL only after 10 s) and `docker
+# start`, under write and traffic load, each time waiting until the cluster
+# has converged again. A stopping replica ends its leader duties, hands
+# leadership to an up-to-date voter, ends its watch streams and exits on
+# its own: exit code 0, well before docker's SIGKILL. Meanwhile no Node may
+# turn NotReady (a stopping leader must not judge nodes by heartbeats it
+# refused) and no client connection may fail.
 scenario_rolling_restart() {
-  local id t0
+  local id t0 code l order
   start_writer; start_probe clusterip client 10.96.0.10:80
+  start_node_sampler
   sleep 2
   figures=""
-  for id in "${ids[@]}"; do
-    log "docker kill -s KILL strait-control-$id, docker start it"
+  l=$(leader)
+  order=("$l")
+  for id in "${ids[@]}"; do [ "$id" = "$l" ] || order+=("$id"); done
+  for id in "${order[@]}"; do
+    l=$(leader)
+    log "docker stop strait-control-$id$([ "$id" = "$l" ] && echo ' (the leader)' || true), docker start it"
     t0=$(now_ms)
-    docker kill -s KILL "strait-control-$id" >/dev/null
+    docker stop "strait-control-$id" >/dev/null
+    figures+=" control${id}_stop_ms=$(($(now_ms) - t0))$([ "$id" = "$l" ] && echo '(leader)' || true)"
+    code=$(docker inspect -f '{{.State.ExitCode}}' "strait-control-$id")
+    [ "$code" = 0 ] || violation "a replica stopped with SIGTERM exits on its own: control-$id exit code $code"
     docker start "strait-control-$id" >/dev/null
     if wait_for "convergence after restarting control-$id" converged; then
       figures+=" control${id}_converged_ms=$(($(now_ms) - t0))"
@@ -546,9 +556,39 @@ scenario_rolling_restart() {
   done
   sleep 2
   stop_writer
+  check_nodes_stayed_ready
   check_probe_zero clusterip
   check_writes
   finish nodes
+}
+
+# Samples `get nodes` every 200 ms in the background (NAME STATUS per line).
+# Serializable: a replica's own applied state, readable while no leader
+# answers read-index requests (a linearizable read would fail exactly while
+# a stopping leader misbehaves).
+start_node_sampler() {
+  : >"$work/node-samples"; rm -f "$work/stop-sampler"
+  (
+    while [ ! -e "$work/stop-sampler" ]; do
+      cli "$(all_servers)" get nodes --consistency serializable 2>/dev/null \
+        | awk 'NR>1 {print $1, $2}' >>"$work/node-samples"
+      sleep 0.2
+    done
+  ) &
+  sampler_pid=$!
+  bg_pids+=("$sampler_pid")
+}
+
+# Invariant "no Node NotReady" over the sampler's run.
+check_nodes_stayed_ready() {
+  local samples bad
+  touch "$work/stop-sampler"
+  wait "$sampler_pid" 2>/dev/null || true
+  samples=$(wc -l <"$work/node-samples")
+  bad=$(grep -c ' NotReady$' "$work/node-samples" || true)
+  figures+=" node_samples=$samples not_ready_samples=$bad"
+  [ "$samples" -gt 0 ] || violation "Nodes were sampled during the restarts"
+  [ "$bad" -eq 0 ] || violation "no Node NotReady during graceful restarts: $(grep ' NotReady$' "$work/node-samples" | sort | uniq -c | tr '\n' ' ')"
 }
 
 # The voters as the replicas report them ("1 2 3 ").

@@ -51,11 +51,19 @@ pub struct Replica {
 
 impl Replica {
     fn spawn(&mut self) {
-        let log = std::fs::File::create(&self.log).expect("log file");
+        // Appended: a restarted replica keeps its earlier runs' logs.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let mut child = Command::new(BIN)
             .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
             .args(&self.args)
-            .env("STRAIT_LOG", "info,openraft=warn")
+            .env(
+                "STRAIT_LOG",
+                std::env::var("CHAOS_REPLICA_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -91,6 +99,39 @@ impl Replica {
             let rc = unsafe { libc::kill(pid, signal) };
             assert_eq!(rc, 0, "kill({pid}, {signal})");
         }
+    }
+
+    /// Sends SIGTERM (what `docker stop` and `systemctl stop` send) and
+    /// waits for the process to exit, polling up to `within`; panics if it
+    /// does not. Returns its exit status and how long it took.
+    pub async fn stop_gracefully(
+        &mut self,
+        within: Duration,
+    ) -> (std::process::ExitStatus, Duration) {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("replica running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for replica") {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() >= within {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "replica {} still running {within:?} after SIGTERM (log {})",
+                    self.id,
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts a stopped replica again with the same flags and data.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "replica {} is running", self.id);
+        self.spawn();
     }
 
     pub fn is_running(&self) -> bool {
