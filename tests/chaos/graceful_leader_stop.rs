@@ -70,7 +70,7 @@ async fn graceful_stop_of_the_leader_then_a_follower() {
     c.replicas.get_mut(&leader).expect("leader").start();
     c.wait_leader().await;
     more_writes(&load, &c, 5).await;
-    c.converged().await;
+    c.caught_up().await;
 
     // A follower stops the same way: one not stopped before, if it can be.
     let leader_now = c.wait_leader().await;

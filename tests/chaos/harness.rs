@@ -297,8 +297,27 @@ impl Cluster {
         .await
     }
 
+    /// Waits until every running replica (a restarted one included) has
+    /// applied at least what the most advanced one had applied when this
+    /// was called. Unlike [`converged`](Self::converged) it holds under a
+    /// running load, whose writes keep replicas from ever being equal at
+    /// one instant.
+    pub async fn caught_up(&self) {
+        let running = self.replicas.values().filter(|r| r.is_running()).count();
+        let target = eventually("every running replica's status", || async {
+            let s = self.statuses().await;
+            (s.len() == running).then(|| s.values().map(|v| v.2).max().unwrap_or(0))
+        })
+        .await;
+        eventually("replicas to catch up", || async {
+            let s = self.statuses().await;
+            (s.len() == running && s.values().all(|v| v.2 >= target)).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until every running replica has applied the same index and
-    /// holds the same objects; returns those objects.
+    /// holds the same objects; returns those objects. Needs writes stopped.
     pub async fn converged(&self) -> Vec<Object> {
         eventually("replicas to converge", || async {
             let mut lists = Vec::new();
@@ -358,6 +377,10 @@ pub async fn channel(addr: &str) -> Option<Channel> {
         .ok()
 }
 
+/// A headless Service carrying `value` in annotation `v`. Headless, because
+/// a load writes thousands of unique Services, more than the ClusterIPs a
+/// test's /24 service CIDR holds (every apply after that would be refused
+/// with "range is full").
 pub fn service(name: &str, value: u64) -> Object {
     Service {
         metadata: Some(ObjectMeta {
@@ -366,6 +389,7 @@ pub fn service(name: &str, value: u64) -> Object {
             ..Default::default()
         }),
         spec: Some(ServiceSpec {
+            cluster_ip: "None".into(),
             ports: vec![ServicePort {
                 port: 80,
                 ..Default::default()

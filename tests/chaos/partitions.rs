@@ -40,7 +40,7 @@ async fn partitions_keep_one_leader_per_term_and_heal() {
         "an isolated replica served a linearizable read"
     );
     c.faults.heal();
-    c.converged().await;
+    c.caught_up().await;
 
     // A minority follower: the rest keep accepting writes.
     let leader = c.wait_leader().await;
@@ -48,7 +48,7 @@ async fn partitions_keep_one_leader_per_term_and_heal() {
     c.faults.isolate(&[follower], &ids);
     more_writes(&load, &c, 10).await;
     c.faults.heal();
-    c.converged().await;
+    c.caught_up().await;
 
     // One direction only: the leader cannot reach one follower.
     let leader = c.wait_leader().await;

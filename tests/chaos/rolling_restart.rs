@@ -18,7 +18,7 @@ async fn rolling_restart_of_every_replica_under_load() {
         c.restart(id);
         c.wait_leader().await;
         more_writes(&load, &c, 5).await;
-        c.converged().await;
+        c.caught_up().await;
     }
     let done = load.finish().await;
     let objects = c.converged().await;
