@@ -457,6 +457,19 @@ impl Client {
         }
     }
 
+    /// Applies `o` until it is acknowledged, through elections (applying
+    /// the same object again is harmless); panics after `DEADLINE`.
+    pub async fn apply_until_ok(&mut self, o: &Object) -> u64 {
+        let start = Instant::now();
+        loop {
+            if let Outcome::Ok(rev) = self.apply(o.clone()).await {
+                return rev;
+            }
+            assert!(start.elapsed() < DEADLINE, "a write never acknowledged");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Linearizable read of annotation `v` of Service `name` (0 = absent).
     pub async fn read(&mut self, name: &str) -> Option<u64> {
         let mut c = self.resources().await?;

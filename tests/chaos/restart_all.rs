@@ -17,16 +17,7 @@ async fn restart_every_replica_at_once() {
     let traffic = Traffic::start(&dp.addr);
     let mut client = Client::new(c.addrs());
     for i in 0..30 {
-        // Applying the same object again is harmless: retry through an
-        // election (a loaded machine can see one at any time).
-        let deadline = Instant::now() + DEADLINE;
-        while !matches!(
-            client.apply(service(&format!("r-{i}"), i)).await,
-            Outcome::Ok(_)
-        ) {
-            assert!(Instant::now() < deadline, "write r-{i} never acknowledged");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        client.apply_until_ok(&service(&format!("r-{i}"), i)).await;
     }
     let before = c.converged().await;
     let t = Instant::now();

@@ -14,12 +14,7 @@ async fn sigstop_the_leader_then_resume_it() {
     let load = Load::start(&c, "s");
     more_writes(&load, &c, 10).await;
     let mut client = Client::new(c.addrs());
-    // Retried through an election: applying it again is harmless.
-    let deadline = Instant::now() + DEADLINE;
-    while !matches!(client.apply(service("fence", 1)).await, Outcome::Ok(_)) {
-        assert!(Instant::now() < deadline, "fence write never acknowledged");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    client.apply_until_ok(&service("fence", 1)).await;
 
     let old = c.wait_leader().await;
     let (_, old_term, _) = c.statuses().await[&old].clone();
