@@ -153,12 +153,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let file = encode_snapshot(&self.meta, &self.bytes)?;
-        write_atomically(&self.dir.join(StateMachine::SNAPSHOT_FILE), &file)?;
-        tracing::info!(last_log_id = ?self.meta.last_log_id, bytes = self.bytes.len(), "snapshot built");
+        let (meta, bytes) = (self.meta.clone(), std::mem::take(&mut self.bytes));
+        let path = self.dir.join(StateMachine::SNAPSHOT_FILE);
+        // Framing and the fsync'd write of a large state take long enough to
+        // stall the runtime's few workers (and every write waiting on them):
+        // done on the blocking pool.
+        let bytes = tokio::task::spawn_blocking(move || {
+            let file = encode_snapshot(&meta, &bytes)?;
+            write_atomically(&path, &file)?;
+            Ok::<_, io::Error>(bytes)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        tracing::info!(last_log_id = ?self.meta.last_log_id, bytes = bytes.len(), "snapshot built");
         Ok(Snapshot {
             meta: self.meta.clone(),
-            snapshot: Cursor::new(std::mem::take(&mut self.bytes)),
+            snapshot: Cursor::new(bytes),
         })
     }
 }
