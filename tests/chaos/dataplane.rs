@@ -182,6 +182,17 @@ impl Traffic {
         }
         (self.ok(), self.failures.lock().expect("lock").clone())
     }
+
+    /// Stops, asserting invariant zero-failed-connections; returns how many
+    /// connections succeeded.
+    pub fn finish_without_failures(self) -> u64 {
+        let (ok, failed) = self.finish();
+        assert!(
+            failed.is_empty(),
+            "invariant zero-failed-connections: {failed:?}"
+        );
+        ok
+    }
 }
 
 impl Drop for Traffic {

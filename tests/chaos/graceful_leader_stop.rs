@@ -96,11 +96,7 @@ async fn graceful_stop_of_the_leader_then_a_follower() {
     let objects = c.converged().await;
     let checked = done.check(&objects);
     let revision = nodes_converged(&c).await;
-    let (ok, failed) = traffic.finish();
-    assert!(
-        failed.is_empty(),
-        "invariant zero-failed-connections: {failed:?}"
-    );
+    let ok = traffic.finish_without_failures();
 
     // The watcher: ended by the stopping leader, resumed without a gap.
     until_tx.send_replace(revision);

@@ -52,11 +52,7 @@ async fn kill_9_the_leader_ten_times_under_load() {
     let checked = done.check(&objects);
     let revision = nodes_converged(&c).await;
     traffic.more(10).await;
-    let (ok, failed) = traffic.finish();
-    assert!(
-        failed.is_empty(),
-        "invariant zero-failed-connections: {failed:?}"
-    );
+    let ok = traffic.finish_without_failures();
     report::row(
         &format!("kill -9 leader ×{kills}"),
         &format!(

@@ -63,11 +63,7 @@ async fn kill_a_backend_then_a_node_agent() {
     });
     let unready = t.elapsed();
     traffic.more(20).await;
-    let (ok, failed) = traffic.finish();
-    assert!(
-        failed.is_empty(),
-        "invariant zero-failed-connections: {failed:?}"
-    );
+    let ok = traffic.finish_without_failures();
     report::row(
         "kill a backend, then a node agent",
         &format!(

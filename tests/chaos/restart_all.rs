@@ -36,11 +36,7 @@ async fn restart_every_replica_at_once() {
     );
     let revision = nodes_converged(&c).await;
     traffic.more(20).await;
-    let (ok, failed) = traffic.finish();
-    assert!(
-        failed.is_empty(),
-        "invariant zero-failed-connections: {failed:?}"
-    );
+    let ok = traffic.finish_without_failures();
     report::row(
         "restart every replica",
         &format!(

@@ -24,11 +24,7 @@ async fn rolling_restart_of_every_replica_under_load() {
     let objects = c.converged().await;
     let checked = done.check(&objects);
     let revision = nodes_converged(&c).await;
-    let (ok, failed) = traffic.finish();
-    assert!(
-        failed.is_empty(),
-        "invariant zero-failed-connections: {failed:?}"
-    );
+    let ok = traffic.finish_without_failures();
     report::row(
         "rolling restart",
         &format!(
