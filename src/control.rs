@@ -46,7 +46,9 @@ pub struct ControlArgs {
     /// A node agent silent this long is marked Ready=False and its Pods unready.
     #[arg(long, env = "STRAIT_NODE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub node_grace: std::time::Duration,
-    /// Log entries between snapshots (older entries are then purged).
+    /// Fewest log entries between snapshots (older entries are then
+    /// purged); a snapshot also waits until the log written since the last
+    /// one is at least as large as it, so a large state is not copied often.
     #[arg(long, env = "STRAIT_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
     /// HTTP address for /metrics, /livez and /readyz (default 127.0.0.1:9701;

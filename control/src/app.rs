@@ -25,7 +25,7 @@ use crate::api::{ClusterApi, ResourcesApi, Writer};
 use crate::liveness::{self, Heartbeats, NodesApi};
 use crate::log_store::LogStore;
 use crate::metrics::Metrics;
-use crate::raft::{Raft, StateMachine, TypeConfig};
+use crate::raft::{Raft, SnapshotPolicy, StateMachine, TypeConfig, run_snapshot_trigger};
 use crate::raft_net::{Network, Peers, RaftService};
 use crate::service::Allocators;
 use crate::state::State;
@@ -299,8 +299,17 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         State::new(alloc.clone()),
         cfg.watch_history,
     )));
-    let sm =
-        StateMachine::open(&cfg.data_dir.join("snapshots"), alloc, shared.clone()).map_err(dir)?;
+    let snapshot_due = Arc::new(tokio::sync::Notify::new());
+    let sm = StateMachine::open(
+        &cfg.data_dir.join("snapshots"),
+        alloc,
+        shared.clone(),
+        SnapshotPolicy {
+            every: cfg.snapshot_every,
+            due: snapshot_due.clone(),
+        },
+    )
+    .map_err(dir)?;
 
     let local_ip = Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified());
     let peers_net = Peers::new(local_ip).with_transport(transport);
@@ -309,7 +318,9 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         heartbeat_interval: cfg.heartbeat_ms,
         election_timeout_min: cfg.election_timeout_ms.0,
         election_timeout_max: cfg.election_timeout_ms.1,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        // The state machine decides when (`SnapshotPolicy`): openraft's
+        // policy counts entries only.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         // Keep one snapshot interval of log for followers that lag a little;
         // anything further behind is caught up by snapshot install.
         max_in_snapshot_log_to_keep: cfg.snapshot_every.min(1000),
@@ -335,6 +346,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         .map_err(|e| StartError::Raft(e.to_string()))?,
     );
 
+    tokio::spawn(run_snapshot_trigger(Arc::downgrade(&raft), snapshot_due));
     let writer = Writer::new(raft.clone(), shared.clone(), peers_net);
     let metrics = Arc::new(Metrics::new());
     let (watches_stop, watches_stop_rx) = tokio::sync::watch::channel(false);

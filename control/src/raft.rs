@@ -6,7 +6,8 @@
 use std::fmt;
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -14,7 +15,7 @@ use openraft::{EntryPayload, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::service::Allocators;
-use crate::state::{ApiError, Command, Outcome, State};
+use crate::state::{ApiError, Command, Objects, Outcome, State};
 use crate::watch::{self, Shared};
 
 impl fmt::Display for Command {
@@ -57,6 +58,44 @@ struct SnapshotHeader {
     last_membership: StoredMembership,
 }
 
+/// When a replica snapshots: after at least `every` entries, and only once
+/// the log written since the last snapshot outweighs that snapshot. A
+/// snapshot copies the whole state, so tying it to the log's growth keeps
+/// its cost a bounded share of the write volume however large the state
+/// grows (the compaction rule of log-structured stores); a small state still
+/// snapshots every `every` entries. openraft's own policy counts entries
+/// only, so it is off and [`run_snapshot_trigger`] asks for snapshots.
+pub struct SnapshotPolicy {
+    pub every: u64,
+    /// Signalled when a snapshot is due.
+    pub due: Arc<tokio::sync::Notify>,
+}
+
+/// What the log has grown by since the last snapshot.
+#[derive(Debug, Default)]
+struct SinceSnapshot {
+    entries: u64,
+    bytes: u64,
+    /// `entries` when a snapshot was last asked for (0: not asked).
+    asked_at: u64,
+}
+
+impl SinceSnapshot {
+    /// Whether to ask for a snapshot now (see [`SnapshotPolicy`]), given
+    /// the size of the last one; when one was asked for and has not started,
+    /// asks again only after another `every` entries.
+    fn ask(&mut self, every: u64, last_snapshot_bytes: u64) -> bool {
+        let every = every.max(1);
+        let due = self.entries >= every
+            && self.bytes >= last_snapshot_bytes
+            && (self.asked_at == 0 || self.entries >= self.asked_at + every);
+        if due {
+            self.asked_at = self.entries;
+        }
+        due
+    }
+}
+
 /// The replicated state machine of one replica.
 pub struct StateMachine {
     shared: Shared,
@@ -65,20 +104,42 @@ pub struct StateMachine {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     current: Option<(SnapshotMeta, Vec<u8>)>,
+    policy: SnapshotPolicy,
+    since: SinceSnapshot,
+    /// Encoded size of the latest snapshot, set by its builder.
+    snapshot_bytes: Arc<AtomicU64>,
+}
+
+/// Asks `raft` for a snapshot whenever the state machine says one is due,
+/// until the Raft instance is gone or shut down.
+pub async fn run_snapshot_trigger(raft: Weak<Raft>, due: Arc<tokio::sync::Notify>) {
+    loop {
+        due.notified().await;
+        let Some(raft) = raft.upgrade() else { return };
+        if let Err(e) = raft.trigger().snapshot().await {
+            tracing::debug!(error = %e, "snapshot trigger stops: raft is shut down");
+            return;
+        }
+    }
 }
 
 fn io_err(what: &str, e: impl fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
 
-/// Writes `bytes` to `path` crash-safely: temp file, fsync, rename, fsync dir.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `parts`, one after another, to `path` crash-safely: temp file,
+/// fsync, rename, fsync dir.
+pub fn write_atomically(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for part in parts {
+            f.write_all(part)?;
+        }
+        f.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
@@ -87,17 +148,23 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn encode_snapshot(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u8>> {
+/// The snapshot file's framing, written before the state bytes: the
+/// header's length (u64, little-endian), then the header as JSON.
+fn snapshot_prefix(meta: &SnapshotMeta) -> io::Result<Vec<u8>> {
     let header = SnapshotHeader {
         last_log_id: meta.last_log_id,
         last_membership: meta.last_membership.clone(),
     };
     let h = serde_json::to_vec(&header).map_err(|e| io_err("encode snapshot header", e))?;
-    let mut out = Vec::with_capacity(8 + h.len() + data.len());
+    let mut out = Vec::with_capacity(8 + h.len());
     out.extend_from_slice(&(h.len() as u64).to_le_bytes());
     out.extend_from_slice(&h);
-    out.extend_from_slice(data);
     Ok(out)
+}
+
+/// Writes a snapshot file: framing, then the state bytes.
+fn write_snapshot(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    write_atomically(path, &[&snapshot_prefix(meta)?, data])
 }
 
 fn decode_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMeta, Vec<u8>)> {
@@ -119,7 +186,12 @@ impl StateMachine {
 
     /// Opens the state machine; a snapshot found in `dir` is offered to
     /// openraft through `get_current_snapshot` and installed at start-up.
-    pub fn open(dir: &Path, alloc: Allocators, shared: Shared) -> io::Result<Self> {
+    pub fn open(
+        dir: &Path,
+        alloc: Allocators,
+        shared: Shared,
+        policy: SnapshotPolicy,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(Self::SNAPSHOT_FILE);
         let current = match std::fs::read(&path) {
@@ -127,6 +199,7 @@ impl StateMachine {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
+        let snapshot_bytes = current.as_ref().map_or(0, |(_, data)| data.len() as u64);
         Ok(Self {
             shared,
             alloc,
@@ -134,7 +207,24 @@ impl StateMachine {
             last_applied: None,
             last_membership: StoredMembership::default(),
             current,
+            policy,
+            since: SinceSnapshot::default(),
+            snapshot_bytes: Arc::new(AtomicU64::new(snapshot_bytes)),
         })
+    }
+
+    /// Counts an applied entry of about `bytes` toward the next snapshot.
+    fn grew(&mut self, bytes: u64) {
+        self.since.entries += 1;
+        self.since.bytes += bytes;
+    }
+
+    /// Signals a due snapshot.
+    fn ask_for_snapshot_if_due(&mut self) {
+        let last = self.snapshot_bytes.load(Ordering::Relaxed);
+        if self.since.ask(self.policy.every, last) {
+            self.policy.due.notify_one();
+        }
     }
 
     pub fn shared(&self) -> &Shared {
@@ -142,25 +232,36 @@ impl StateMachine {
     }
 }
 
-/// Builds a snapshot from a point-in-time copy of the state.
+/// Builds a snapshot from a point-in-time copy of the state: an O(1) copy
+/// of the persistent object maps, taken on the state machine's task, and
+/// encoded and written on the blocking pool while applies go on.
 pub struct SnapshotBuilder {
-    bytes: Vec<u8>,
+    objects: Objects,
+    revision: u64,
     meta: SnapshotMeta,
     dir: PathBuf,
+    /// Where the encoded size goes, for the next snapshot's [`SnapshotPolicy`].
+    size: Arc<AtomicU64>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, bytes) = (self.meta.clone(), std::mem::take(&mut self.bytes));
+        let (meta, objects, revision) = (
+            self.meta.clone(),
+            std::mem::take(&mut self.objects),
+            self.revision,
+        );
         let path = self.dir.join(StateMachine::SNAPSHOT_FILE);
-        // Framing and the fsync'd write of a large state take long enough to
-        // stall the runtime's few workers (and every write waiting on them):
-        // done on the blocking pool.
+        // Encoding, framing and the fsync'd write of a large state take long
+        // enough to stall the runtime's few workers (and every write waiting
+        // on them): done on the blocking pool.
+        let size = self.size.clone();
         let bytes = tokio::task::spawn_blocking(move || {
-            let file = encode_snapshot(&meta, &bytes)?;
-            write_atomically(&path, &file)?;
+            let bytes = objects.encode(revision);
+            size.store(bytes.len() as u64, Ordering::Relaxed);
+            write_snapshot(&path, &meta, &bytes)?;
             Ok::<_, io::Error>(bytes)
         })
         .await
@@ -187,6 +288,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
+            // About what the entry takes in the log: its object, or a small
+            // fixed size for everything else.
+            self.grew(match &entry.payload {
+                EntryPayload::Normal(Command::Apply { object, .. }) => object.len() as u64 + 32,
+                _ => 64,
+            });
             let response = match entry.payload {
                 EntryPayload::Blank => Response(Err(ApiError::BadRequest("blank entry".into()))),
                 EntryPayload::Membership(m) => {
@@ -216,13 +323,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 r.send(response);
             }
         }
+        self.ask_for_snapshot_if_due();
         Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let bytes = watch::read(&self.shared).state().encode();
+        let (objects, revision) = watch::read(&self.shared).state().snapshot();
+        self.since = SinceSnapshot::default();
         SnapshotBuilder {
-            bytes,
+            objects,
+            revision,
+            size: self.snapshot_bytes.clone(),
             meta: SnapshotMeta {
                 last_log_id: self.last_applied,
                 last_membership: self.last_membership.clone(),
@@ -239,10 +350,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let state =
             State::decode(&bytes, self.alloc.clone()).map_err(|e| io_err("decode snapshot", e))?;
-        let file = encode_snapshot(meta, &bytes)?;
-        write_atomically(&self.dir.join(Self::SNAPSHOT_FILE), &file)?;
+        write_snapshot(&self.dir.join(Self::SNAPSHOT_FILE), meta, &bytes)?;
         tracing::info!(last_log_id = ?meta.last_log_id, revision = state.revision(), "snapshot installed");
         watch::write(&self.shared).replace(state);
+        self.snapshot_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
+        self.since = SinceSnapshot::default();
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
         self.current = Some((meta.clone(), bytes));
@@ -262,3 +375,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// Shared handle type re-exported for the API layer.
 pub type RaftHandle = Arc<Raft>;
+
+#[cfg(test)]
+mod tests {
+    use super::SinceSnapshot;
+
+    fn grown(entries: u64, bytes: u64) -> SinceSnapshot {
+        SinceSnapshot {
+            entries,
+            bytes,
+            asked_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_small_state_snapshots_every_n_entries() {
+        assert!(!grown(99, 99_000).ask(100, 1_000));
+        assert!(grown(100, 100_000).ask(100, 1_000));
+    }
+
+    #[test]
+    fn a_large_state_waits_until_the_log_outweighs_its_last_snapshot() {
+        let mut since = grown(5_000, 1_000_000);
+        assert!(!since.ask(100, 40_000_000), "log smaller than the snapshot");
+        since = grown(120_000, 40_000_000);
+        assert!(since.ask(100, 40_000_000));
+    }
+
+    #[test]
+    fn asks_again_only_after_another_interval() {
+        let mut since = grown(100, 10_000);
+        assert!(since.ask(100, 0));
+        since.entries = 150;
+        assert!(!since.ask(100, 0), "asked 50 entries ago");
+        since.entries = 200;
+        assert!(since.ask(100, 0));
+    }
+}

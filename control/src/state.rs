@@ -5,6 +5,7 @@
 //! that applies the same log reaches the same state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -177,10 +178,55 @@ pub struct Applied {
 
 type Key = (String, String);
 
+/// Every stored object, by kind and then namespace and name. The maps are
+/// persistent (`imbl`): a copy costs O(1) and shares structure with the
+/// original, so a snapshot can be encoded from a copy on another thread
+/// while applies go on.
+#[derive(Debug, Clone, Default)]
+pub struct Objects(BTreeMap<Kind, imbl::OrdMap<Key, Arc<Object>>>);
+
+impl Objects {
+    fn get(&self, kind: Kind, key: &Key) -> Option<&Object> {
+        self.0.get(&kind)?.get(key).map(|o| &**o)
+    }
+
+    fn insert(&mut self, kind: Kind, key: Key, o: Object) {
+        self.0.entry(kind).or_default().insert(key, Arc::new(o));
+    }
+
+    fn remove(&mut self, kind: Kind, key: &Key) {
+        if let Some(m) = self.0.get_mut(&kind) {
+            m.remove(key);
+        }
+    }
+
+    /// Objects of `kind`, or of every kind when `None`.
+    fn iter(&self, kind: Option<Kind>) -> impl Iterator<Item = &Object> {
+        self.0
+            .iter()
+            .filter(move |(k, _)| kind.is_none_or(|want| **k == want))
+            .flat_map(|(_, m)| m.values().map(|o| &**o))
+    }
+
+    /// Encodes these objects at `revision` for a Raft snapshot: a
+    /// `ListResponse`, written field by field so no object is copied.
+    pub fn encode(&self, revision: u64) -> Vec<u8> {
+        use prost::encoding::{message, uint64};
+        let mut buf = Vec::new();
+        for o in self.iter(None) {
+            message::encode(1, o, &mut buf);
+        }
+        if revision != 0 {
+            uint64::encode(2, &revision, &mut buf);
+        }
+        buf
+    }
+}
+
 /// Every stored object plus derived indexes.
 #[derive(Debug, Clone)]
 pub struct State {
-    objects: BTreeMap<Kind, BTreeMap<Key, Object>>,
+    objects: Objects,
     revision: u64,
     alloc: Allocators,
 }
@@ -217,7 +263,7 @@ fn comparable(o: &Object) -> Object {
 impl State {
     pub fn new(alloc: Allocators) -> Self {
         Self {
-            objects: BTreeMap::new(),
+            objects: Objects::default(),
             revision: 0,
             alloc,
         }
@@ -234,8 +280,7 @@ impl State {
 
     pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Object> {
         self.objects
-            .get(&kind)?
-            .get(&(namespace.to_string(), name.to_string()))
+            .get(kind, &(namespace.to_string(), name.to_string()))
     }
 
     /// Objects of `kind` (all kinds when None) in `namespace` ("" = all).
@@ -245,25 +290,25 @@ impl State {
         namespace: &'a str,
     ) -> impl Iterator<Item = &'a Object> + 'a {
         self.objects
-            .iter()
-            .filter(move |(k, _)| kind.is_none_or(|want| **k == want))
-            .flat_map(|(_, m)| m.values())
+            .iter(kind)
             .filter(move |o| namespace.is_empty() || o.namespace() == namespace)
     }
 
     pub fn count(&self, kind: Kind) -> usize {
-        self.objects.get(&kind).map_or(0, BTreeMap::len)
+        self.objects.0.get(&kind).map_or(0, imbl::OrdMap::len)
     }
 
     // ---- snapshots ----
 
+    /// An O(1) copy of every object and the revision they are at, for a
+    /// snapshot encoded away from the state machine (`Objects::encode`).
+    pub fn snapshot(&self) -> (Objects, u64) {
+        (self.objects.clone(), self.revision)
+    }
+
     /// Encodes the state for a Raft snapshot.
     pub fn encode(&self) -> Vec<u8> {
-        let snap = strait_proto::v1::ListResponse {
-            items: self.list(None, "").cloned().collect(),
-            revision: self.revision,
-        };
-        snap.encode_to_vec()
+        self.objects.encode(self.revision)
     }
 
     /// Rebuilds a state (allocators included) from `encode`'s output.
@@ -277,7 +322,7 @@ impl State {
                     let held = service::held(svc);
                     s.reserve(&held);
                 }
-                s.objects.entry(kind).or_default().insert(key_of(&o), o);
+                s.objects.insert(kind, key_of(&o), o);
             }
         }
         Ok(s)
@@ -679,7 +724,7 @@ impl State {
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         let mut namespaces_with_node_change = false;
         if plan.delete {
-            self.objects.entry(kind).or_default().remove(&key);
+            self.objects.remove(kind, &key);
             changes.push(Change {
                 event: EventType::Deleted,
                 object: o,
@@ -697,10 +742,7 @@ impl State {
             } else {
                 EventType::Added
             };
-            self.objects
-                .entry(kind)
-                .or_default()
-                .insert(key.clone(), o.clone());
+            self.objects.insert(kind, key.clone(), o.clone());
             changes.push(Change { event, object: o });
         }
         // The object itself is the first change, in both branches.
@@ -806,10 +848,7 @@ impl State {
             .filter_map(|s| s.metadata.as_ref().map(|m| m.name.clone()))
             .collect();
         for stale in have.iter().filter(|o| !wanted.contains(o.name())) {
-            self.objects
-                .entry(Kind::EndpointSlice)
-                .or_default()
-                .remove(&key_of(stale));
+            self.objects.remove(Kind::EndpointSlice, &key_of(stale));
             changes.push(Change {
                 event: EventType::Deleted,
                 object: stale.clone(),
@@ -850,9 +889,7 @@ impl State {
                 EventType::Added
             };
             self.objects
-                .entry(Kind::EndpointSlice)
-                .or_default()
-                .insert(key_of(&o), o.clone());
+                .insert(Kind::EndpointSlice, key_of(&o), o.clone());
             changes.push(Change { event, object: o });
         }
         changes
