@@ -21,10 +21,8 @@
 //!   from memory) and calls its [`IOFlushed`] callback only once the transaction holding the
 //!   whole batch is on disk;
 //! - `save_vote`, `truncate_after` and `purge` return only once their transaction is on disk;
-//!   `save_committed` returns once queued, and a group holding nothing but commit points is
-//!   committed without an fsync (the next durable group, or the writer's exit, makes it durable):
-//!   the commit point need not be durable. The queue is written in order, so each operation is
-//!   also behind every append submitted before it;
+//!   `save_committed` returns once queued (the commit point need not be durable); the queue is
+//!   written in order, so each is also behind every append submitted before it;
 //! - `append` refuses a batch that would leave a hole or silently overwrite entries (openraft
 //!   truncates conflicting entries before it appends);
 //! - `truncate_after` never removes an entry at or below the saved committed log id;
@@ -368,11 +366,6 @@ enum Op<C: RaftTypeConfig> {
         bytes: Vec<u8>,
         done: Done,
     },
-    /// The commit point: nobody waits for it, and a group of nothing else
-    /// is committed without an fsync (the next durable group carries it).
-    Committed {
-        bytes: Vec<u8>,
-    },
     Truncate {
         from: u64,
         done: Done,
@@ -391,7 +384,6 @@ impl<C: RaftTypeConfig> Op<C> {
         match self {
             Op::Append { .. } => "append log entries",
             Op::Meta { key, .. } => key,
-            Op::Committed { .. } => "save the committed log id",
             Op::Truncate { .. } => "truncate the log",
             Op::Purge { .. } => "purge the log",
         }
@@ -768,17 +760,21 @@ where
         };
         let bytes = encode(&committed, || KEY_COMMITTED.to_string())?;
         self.tail().committed = Some(committed.clone());
-        // Queued, not waited for, and not fsynced on its own (`Op::Committed`):
-        // openraft calls this inline on its core task each time the commit
-        // point moves, and an fsync there would stall the core for every
-        // commit. The commit point need not be
+        // Queued, not waited for: openraft calls this inline on its core
+        // task each time the commit point moves, and an fsync there would
+        // stall the core for every commit. The commit point need not be
         // durable (a stale one only means re-applying from an older point
         // after a restart, and linearizable reads wait for the read index
         // anyway); it is written in order behind every append submitted
         // before it, so a saved commit point never runs ahead of the log
         // on disk. A failed write also fails the appends in its group.
-        self.submit(Op::Committed { bytes })
-            .map_err(|e| io::Error::new(e.io_kind(), format!("{OP}: {e}")))?;
+        let (done, _ignored) = tokio::sync::oneshot::channel();
+        self.submit(Op::Meta {
+            key: KEY_COMMITTED,
+            bytes,
+            done,
+        })
+        .map_err(|e| io::Error::new(e.io_kind(), format!("{OP}: {e}")))?;
         tracing::trace!(committed = %committed, "raft committed log id queued");
         Ok(())
     }
@@ -912,8 +908,6 @@ where
 
 /// The writer thread: writes every queued operation, in order, a group per transaction.
 fn run_writer<C: RaftTypeConfig>(db: &Database, tail: &Mutex<Tail<C>>, rx: mpsc::Receiver<Op<C>>) {
-    // Whether a group was committed without an fsync since the last one with.
-    let mut unsynced = false;
     while let Ok(op) = rx.recv() {
         let mut group = vec![op];
         while group.len() < MAX_GROUP {
@@ -922,11 +916,7 @@ fn run_writer<C: RaftTypeConfig>(db: &Database, tail: &Mutex<Tail<C>>, rx: mpsc:
                 Err(_) => break,
             }
         }
-        let durable = !group.iter().all(|op| matches!(op, Op::Committed { .. }));
-        let result = write_group(db, &group, durable);
-        if result.is_ok() {
-            unsynced = !durable;
-        }
+        let result = write_group(db, &group);
         if let Err(err) = &result {
             tracing::error!(ops = group.len(), error = %err, "raft log write failed");
         }
@@ -968,30 +958,15 @@ fn run_writer<C: RaftTypeConfig>(db: &Database, tail: &Mutex<Tail<C>>, rx: mpsc:
                 Op::Meta { done, .. } | Op::Truncate { done, .. } | Op::Purge { done, .. } => {
                     let _ = done.send(failed(name).map_err(|e| e.to_string()));
                 }
-                // A failure was logged above, and failed the group's appends.
-                Op::Committed { .. } => {}
             }
         }
     }
-    // The queue is closed: leave nothing that only an fsync would keep.
-    if unsynced && let Err(err) = write_group::<C>(db, &[], true) {
-        tracing::error!(error = %err, "raft log: final sync failed");
-    }
 }
 
-/// Writes a group of operations in one transaction, fsynced when `durable`.
-fn write_group<C: RaftTypeConfig>(
-    db: &Database,
-    group: &[Op<C>],
-    durable: bool,
-) -> Result<(), LogStoreError> {
+/// Writes a group of operations in one durable transaction.
+fn write_group<C: RaftTypeConfig>(db: &Database, group: &[Op<C>]) -> Result<(), LogStoreError> {
     const OP: &str = "write a group of log operations";
-    let durability = if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
-    write_txn(db, OP, durability, |txn| {
+    write_durably(db, OP, |txn| {
         let mut log = txn.open_table(LOG_TABLE).op(OP)?;
         let mut meta = txn.open_table(META_TABLE).op(OP)?;
         for op in group {
@@ -1003,9 +978,6 @@ fn write_group<C: RaftTypeConfig>(
                 }
                 Op::Meta { key, bytes, .. } => {
                     meta.insert(*key, bytes.as_slice()).op(OP)?;
-                }
-                Op::Committed { bytes } => {
-                    meta.insert(KEY_COMMITTED, bytes.as_slice()).op(OP)?;
                 }
                 Op::Truncate { from, .. } => {
                     log.retain_in::<u64, _>(*from.., |_, _| false).op(OP)?;
@@ -1027,18 +999,8 @@ fn write_durably<T>(
     op: &'static str,
     f: impl FnOnce(&WriteTransaction) -> Result<T, LogStoreError>,
 ) -> Result<T, LogStoreError> {
-    write_txn(db, op, Durability::Immediate, f)
-}
-
-/// Runs `f` in one write transaction committed with `durability`; aborts it if `f` fails.
-fn write_txn<T>(
-    db: &Database,
-    op: &'static str,
-    durability: Durability,
-    f: impl FnOnce(&WriteTransaction) -> Result<T, LogStoreError>,
-) -> Result<T, LogStoreError> {
     let mut txn = db.begin_write().op(op)?;
-    txn.set_durability(durability).op(op)?;
+    txn.set_durability(Durability::Immediate).op(op)?;
     match f(&txn) {
         Ok(value) => {
             txn.commit().op(op)?;
