@@ -20,9 +20,9 @@
 //! - `append` returns once the batch is queued (openraft's "submitted": readers see it at once,
 //!   from memory) and calls its [`IOFlushed`] callback only once the transaction holding the
 //!   whole batch is on disk;
-//! - `save_vote`, `truncate_after` and `purge` return only once their transaction is on disk;
-//!   `save_committed` returns once queued (the commit point need not be durable); the queue is
-//!   written in order, so each is also behind every append submitted before it;
+//! - `save_vote`, `save_committed`, `truncate_after` and `purge` return only once their
+//!   transaction is on disk; the queue is written in order, so they are also behind every append
+//!   submitted before them;
 //! - `append` refuses a batch that would leave a hole or silently overwrite entries (openraft
 //!   truncates conflicting entries before it appends);
 //! - `truncate_after` never removes an entry at or below the saved committed log id;
@@ -760,22 +760,13 @@ where
         };
         let bytes = encode(&committed, || KEY_COMMITTED.to_string())?;
         self.tail().committed = Some(committed.clone());
-        // Queued, not waited for: openraft calls this inline on its core
-        // task each time the commit point moves, and an fsync there would
-        // stall the core for every commit. The commit point need not be
-        // durable (a stale one only means re-applying from an older point
-        // after a restart, and linearizable reads wait for the read index
-        // anyway); it is written in order behind every append submitted
-        // before it, so a saved commit point never runs ahead of the log
-        // on disk. A failed write also fails the appends in its group.
-        let (done, _ignored) = tokio::sync::oneshot::channel();
-        self.submit(Op::Meta {
+        self.write_and_wait(OP, |done| Op::Meta {
             key: KEY_COMMITTED,
             bytes,
             done,
         })
-        .map_err(|e| io::Error::new(e.io_kind(), format!("{OP}: {e}")))?;
-        tracing::trace!(committed = %committed, "raft committed log id queued");
+        .await?;
+        tracing::trace!(committed = %committed, "raft committed log id saved");
         Ok(())
     }
 
