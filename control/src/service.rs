@@ -614,12 +614,13 @@ pub fn resolve_target_port(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use strait_proto::v1::{ObjectMeta, SessionAffinityConfig};
 
     use super::*;
 
-    fn alloc() -> Allocators {
+    /// Allocators over test ranges, shared by the state machine's tests.
+    pub(crate) fn alloc() -> Allocators {
         Allocators {
             cluster_ips: IpRange::new("10.96.0.0/12".parse().expect("cidr")),
             node_ports: "30000-32767".parse().expect("range"),

@@ -924,16 +924,7 @@ mod tests {
     use strait_proto::Kind;
 
     use super::{Command, State};
-    use crate::alloc::IpRange;
-    use crate::service::Allocators;
-
-    fn alloc() -> Allocators {
-        Allocators {
-            cluster_ips: IpRange::new("10.96.0.0/24".parse().expect("cidr")),
-            node_ports: "30000-30010".parse().expect("range"),
-            lb_ips: "192.0.2.0/28".parse().expect("pool"),
-        }
-    }
+    use crate::service::tests::alloc;
 
     fn apply_service(state: &mut State, name: &str, index: u64) {
         let yaml = format!(
