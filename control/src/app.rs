@@ -308,6 +308,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
             every: cfg.snapshot_every,
             due: snapshot_due.clone(),
         },
+        log.written(),
     )
     .map_err(dir)?;
 

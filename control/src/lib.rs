@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod api;
 pub mod app;
 pub mod authz;
+pub mod commit_point;
 pub mod endpoints;
 pub mod field;
 pub mod liveness;

@@ -15,14 +15,21 @@
 //! kept in memory, decoded, so that replication and apply read recent entries without touching
 //! redb or decoding anything.
 //!
+//! The commit point also goes to a file of its own beside the database (see
+//! [`crate::commit_point`]), written by the same thread without an fsync once the operations
+//! queued before it are on disk: committing never waits for a flush of its own, and the state
+//! machine applies an entry only once that file covers it ([`LogStore::written`]).
+//!
 //! Durability contract (see [`RaftLogStorage`]):
 //!
 //! - `append` returns once the batch is queued (openraft's "submitted": readers see it at once,
 //!   from memory) and calls its [`IOFlushed`] callback only once the transaction holding the
 //!   whole batch is on disk;
-//! - `save_vote`, `save_committed`, `truncate_after` and `purge` return only once their
-//!   transaction is on disk; the queue is written in order, so they are also behind every append
-//!   submitted before them;
+//! - `save_vote`, `truncate_after` and `purge` return only once their transaction is on disk;
+//!   the queue is written in order, so they are also behind every append submitted before them;
+//! - `save_committed` returns once the commit point is queued; the writer writes it to the
+//!   commit point file behind every operation queued before it, and to `raft_meta` with the next
+//!   transaction; a store opened again takes the later of the two;
 //! - `append` refuses a batch that would leave a hole or silently overwrite entries (openraft
 //!   truncates conflicting entries before it appends);
 //! - `truncate_after` never removes an entry at or below the saved committed log id;
@@ -46,6 +53,7 @@ use std::sync::MutexGuard;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use crate::commit_point::{CommitFile, Reach, Reporter, Written};
 use openraft::OptionalSend;
 use openraft::RaftLogReader;
 use openraft::RaftTypeConfig;
@@ -188,6 +196,16 @@ pub enum LogStoreError {
         found: u64,
     },
 
+    /// The commit point file could not be opened.
+    #[error("cannot open the raft commit point file at {path}")]
+    CommitFile {
+        /// Path of the file.
+        path: PathBuf,
+        /// Underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+
     /// The writer thread could not be started, or is gone (a previous write failed fatally).
     #[error("raft log store: the writer thread is not running ({op})")]
     Writer {
@@ -219,6 +237,7 @@ impl LogStoreError {
             | LogStoreError::UnsupportedFormat { .. }
             | LogStoreError::Corrupt { .. } => io::ErrorKind::InvalidData,
             LogStoreError::Open { .. }
+            | LogStoreError::CommitFile { .. }
             | LogStoreError::Redb { .. }
             | LogStoreError::Encode { .. }
             | LogStoreError::Writer { .. }
@@ -259,8 +278,9 @@ pub struct LogStore<C: RaftTypeConfig> {
 
 struct Inner<C: RaftTypeConfig> {
     db: Arc<Database>,
-    path: Option<PathBuf>,
+    path: PathBuf,
     tail: Arc<Mutex<Tail<C>>>,
+    written: Written,
     writer: Mutex<Option<mpsc::Sender<Op<C>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -290,7 +310,7 @@ struct Tail<C: RaftTypeConfig> {
     next: Option<u64>,
     /// Encoded size of `entries`.
     bytes: usize,
-    /// The last log id saved as committed.
+    /// The last log id saved as committed (queued, maybe not yet written).
     committed: Option<LogIdOf<C>>,
     /// The last purged log id.
     purged: Option<LogIdOf<C>>,
@@ -375,6 +395,11 @@ enum Op<C: RaftTypeConfig> {
         bytes: Vec<u8>,
         done: Done,
     },
+    /// Nobody waits for it: the state machine waits on [`Written`] instead.
+    Commit {
+        index: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -386,6 +411,7 @@ impl<C: RaftTypeConfig> Op<C> {
             Op::Meta { key, .. } => key,
             Op::Truncate { .. } => "truncate the log",
             Op::Purge { .. } => "purge the log",
+            Op::Commit { .. } => "save the committed log id",
         }
     }
 }
@@ -424,36 +450,32 @@ where
     /// [`LogStoreError::Open`] if the file cannot be created or opened,
     /// [`LogStoreError::UnsupportedFormat`] if it was written by an incompatible build, and
     /// [`LogStoreError::Redb`] if the tables cannot be created.
+    ///
+    /// The commit point file is `path` with the extension `commit`.
     pub fn open(path: &Path) -> Result<LogStore<C>, LogStoreError> {
         let db = Database::create(path).map_err(|source| LogStoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;
-        let store = Self::init(Arc::new(db), Some(path.to_path_buf()))?;
+        let store = Self::init(Arc::new(db), path)?;
         tracing::info!(path = %path.display(), "raft log store opened");
         Ok(store)
     }
 
-    /// Uses an already-open redb database, for instance one shared with the state machine.
-    ///
-    /// The log store only touches its own tables (`raft_log` and `raft_meta`).
-    ///
-    /// # Errors
-    ///
-    /// [`LogStoreError::UnsupportedFormat`] if the tables were written by an incompatible build,
-    /// [`LogStoreError::Redb`] if they cannot be created.
-    pub fn from_database(db: Arc<Database>) -> Result<LogStore<C>, LogStoreError> {
-        Self::init(db, None)
+    /// The database file this store was opened from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
     }
 
-    /// The database file this store was opened from, if it was opened with [`LogStore::open`].
-    pub fn path(&self) -> Option<&Path> {
-        self.inner.path.as_deref()
+    /// How far the commit point file reaches: the state machine applies an entry only once it
+    /// is covered, so a replica killed at any moment restarts with at least the state it served.
+    pub fn written(&self) -> Written {
+        self.inner.written.clone()
     }
 
     /// Creates the tables, checks (or records) the on-disk format version, loads the log state
     /// and starts the writer thread.
-    fn init(db: Arc<Database>, path: Option<PathBuf>) -> Result<LogStore<C>, LogStoreError> {
+    fn init(db: Arc<Database>, path: &Path) -> Result<LogStore<C>, LogStoreError> {
         const OP: &str = "initialise the log tables";
         write_durably(&db, OP, |txn| {
             txn.open_table(LOG_TABLE).op(OP)?;
@@ -480,19 +502,38 @@ where
                 }
             }
         })?;
-        let tail = Arc::new(Mutex::new(load_tail::<C>(&db)?));
+        let commit_path = path.with_extension("commit");
+        let (file, found) =
+            CommitFile::open(&commit_path).map_err(|source| LogStoreError::CommitFile {
+                path: commit_path.clone(),
+                source,
+            })?;
+        let found = match found.map(|bytes| decode::<LogIdOf<C>>(&bytes, || "commit point".into()))
+        {
+            Some(Ok(id)) => Some(id),
+            Some(Err(e)) => {
+                tracing::warn!(path = %commit_path.display(), error = %e, "ignoring the commit point file");
+                None
+            }
+            None => None,
+        };
+        let tail = load_tail::<C>(&db, found)?;
+        let (report, written) = Written::channel(tail.committed.as_ref().map(|c| c.index()));
+        let tail = Arc::new(Mutex::new(tail));
         let (tx, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
         let writer_tail = Arc::clone(&tail);
+        let commit = CommitSink { file, report };
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || run_writer::<C>(&writer_db, &writer_tail, rx))
+            .spawn(move || run_writer::<C>(&writer_db, &writer_tail, rx, &commit))
             .map_err(|_| LogStoreError::Writer { op: OP })?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 db,
-                path,
+                path: path.to_path_buf(),
                 tail,
+                written,
                 writer: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(thread)),
             }),
@@ -660,14 +701,33 @@ where
     }
 }
 
-/// The log state as redb holds it, for a store just opened.
-fn load_tail<C: RaftTypeConfig>(db: &Database) -> Result<Tail<C>, LogStoreError> {
+/// The log state as redb holds it, for a store just opened; `from_file` is the commit point
+/// file's, which is used when it is later than redb's and within the log.
+fn load_tail<C: RaftTypeConfig>(
+    db: &Database,
+    from_file: Option<LogIdOf<C>>,
+) -> Result<Tail<C>, LogStoreError> {
     const OP: &str = "read the log state";
     let purged: Option<LogIdOf<C>> = read_meta(db, KEY_LAST_PURGED)?;
-    let committed: Option<LogIdOf<C>> = read_meta(db, KEY_COMMITTED)?;
+    let mut committed: Option<LogIdOf<C>> = read_meta(db, KEY_COMMITTED)?;
     let txn = db.begin_read().op(OP)?;
     let log = txn.open_table(LOG_TABLE).op(OP)?;
     let last = log.last().op(OP)?.map(|(k, _)| k.value());
+    if let Some(file) = from_file
+        && committed.as_ref().is_none_or(|c| c.index() < file.index())
+    {
+        // The writer writes the file only behind the entries it covers, so a point past the
+        // log means the file does not belong to this log (a database replaced by hand).
+        if last.is_some_and(|l| file.index() <= l) {
+            committed = Some(file);
+        } else {
+            tracing::warn!(
+                committed = %file,
+                last_index = ?last,
+                "the commit point file is past the end of the log; ignoring it"
+            );
+        }
+    }
     let next = match last {
         Some(last) => Some(last.saturating_add(1)),
         // An empty log that was never purged may start anywhere (openraft starts at 0, a store
@@ -759,19 +819,17 @@ where
             return Ok(());
         };
         let bytes = encode(&committed, || KEY_COMMITTED.to_string())?;
+        let index = committed.index();
         self.tail().committed = Some(committed.clone());
-        self.write_and_wait(OP, |done| Op::Meta {
-            key: KEY_COMMITTED,
-            bytes,
-            done,
-        })
-        .await?;
-        tracing::trace!(committed = %committed, "raft committed log id saved");
+        // No waiting: the writer writes it behind everything queued before it, and the state
+        // machine waits for that before applying (see `LogStore::written`).
+        self.submit(Op::Commit { index, bytes })?;
+        tracing::trace!(committed = %committed, "raft committed log id queued");
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
-        Ok(self.read_meta(KEY_COMMITTED)?)
+        Ok(self.tail().committed.clone())
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
@@ -897,8 +955,61 @@ where
     }
 }
 
-/// The writer thread: writes every queued operation, in order, a group per transaction.
-fn run_writer<C: RaftTypeConfig>(db: &Database, tail: &Mutex<Tail<C>>, rx: mpsc::Receiver<Op<C>>) {
+/// The writer thread's end of the commit point: the file, and the report of how far it reaches.
+struct CommitSink {
+    file: CommitFile,
+    report: Reporter,
+}
+
+/// The last commit point in `ops`: its index and encoded log id.
+fn last_commit<C: RaftTypeConfig>(ops: &[Op<C>]) -> Option<(u64, &[u8])> {
+    ops.iter().rev().find_map(|op| match op {
+        Op::Commit { index, bytes } => Some((*index, bytes.as_slice())),
+        _ => None,
+    })
+}
+
+impl CommitSink {
+    /// Writes the last commit point in `ops`, if any, to the file and reports it.
+    fn write_last<C: RaftTypeConfig>(&self, ops: &[Op<C>]) {
+        let Some((index, bytes)) = last_commit(ops) else {
+            return;
+        };
+        match self.file.write(bytes) {
+            Ok(()) => {
+                self.report.send_if_modified(|reach| match reach {
+                    Reach::Upto(upto) if upto.is_none_or(|u| u < index) => {
+                        *upto = Some(index);
+                        true
+                    }
+                    _ => false,
+                });
+            }
+            Err(e) => self.fail(&format!("writing the commit point failed: {e}")),
+        }
+    }
+
+    fn fail(&self, reason: &str) {
+        tracing::error!(
+            reason,
+            "the raft commit point cannot be written; no entry is applied past it"
+        );
+        self.report.send_replace(Reach::Failed(reason.to_string()));
+    }
+}
+
+/// The writer thread: writes every queued operation, in order, a group per transaction. Commit
+/// points at the front of a group are written to their file before the group's transaction
+/// (what they cover is on disk already), the others after it; a group of commit points alone
+/// opens no transaction, and the next transaction carries the last of them into redb.
+fn run_writer<C: RaftTypeConfig>(
+    db: &Database,
+    tail: &Mutex<Tail<C>>,
+    rx: mpsc::Receiver<Op<C>>,
+    commit: &CommitSink,
+) {
+    // The last commit point written to the file but not yet to redb.
+    let mut unsaved: Option<Vec<u8>> = None;
     while let Ok(op) = rx.recv() {
         let mut group = vec![op];
         while group.len() < MAX_GROUP {
@@ -907,10 +1018,28 @@ fn run_writer<C: RaftTypeConfig>(db: &Database, tail: &Mutex<Tail<C>>, rx: mpsc:
                 Err(_) => break,
             }
         }
-        let result = write_group(db, &group);
-        if let Err(err) = &result {
-            tracing::error!(ops = group.len(), error = %err, "raft log write failed");
-        }
+        let lead = group
+            .iter()
+            .take_while(|op| matches!(op, Op::Commit { .. }))
+            .count();
+        commit.write_last(&group[..lead]);
+        let result = if lead == group.len() {
+            unsaved = last_commit(&group).map(|(_, bytes)| bytes.to_vec());
+            Ok(())
+        } else {
+            let result = write_group(db, &group, unsaved.as_deref());
+            match &result {
+                Ok(()) => {
+                    unsaved = None;
+                    commit.write_last(&group[lead..]);
+                }
+                Err(err) => {
+                    tracing::error!(ops = group.len(), error = %err, "raft log write failed");
+                    commit.fail(&err.to_string());
+                }
+            }
+            result
+        };
         // Entries this group wrote may leave memory, unless a truncation was submitted after
         // them (what is in memory past that point is not what is on disk).
         if result.is_ok()
@@ -949,17 +1078,26 @@ fn run_writer<C: RaftTypeConfig>(db: &Database, tail: &Mutex<Tail<C>>, rx: mpsc:
                 Op::Meta { done, .. } | Op::Truncate { done, .. } | Op::Purge { done, .. } => {
                     let _ = done.send(failed(name).map_err(|e| e.to_string()));
                 }
+                Op::Commit { .. } => {}
             }
         }
     }
 }
 
-/// Writes a group of operations in one durable transaction.
-fn write_group<C: RaftTypeConfig>(db: &Database, group: &[Op<C>]) -> Result<(), LogStoreError> {
+/// Writes a group of operations in one durable transaction, and `unsaved`, a commit point queued
+/// before them, first.
+fn write_group<C: RaftTypeConfig>(
+    db: &Database,
+    group: &[Op<C>],
+    unsaved: Option<&[u8]>,
+) -> Result<(), LogStoreError> {
     const OP: &str = "write a group of log operations";
     write_durably(db, OP, |txn| {
         let mut log = txn.open_table(LOG_TABLE).op(OP)?;
         let mut meta = txn.open_table(META_TABLE).op(OP)?;
+        if let Some(bytes) = unsaved {
+            meta.insert(KEY_COMMITTED, bytes).op(OP)?;
+        }
         for op in group {
             match op {
                 Op::Append { batch, .. } => {
@@ -976,6 +1114,9 @@ fn write_group<C: RaftTypeConfig>(db: &Database, group: &[Op<C>]) -> Result<(), 
                 Op::Purge { upto, bytes, .. } => {
                     meta.insert(KEY_LAST_PURGED, bytes.as_slice()).op(OP)?;
                     log.retain_in::<u64, _>(..=*upto, |_, _| false).op(OP)?;
+                }
+                Op::Commit { bytes, .. } => {
+                    meta.insert(KEY_COMMITTED, bytes.as_slice()).op(OP)?;
                 }
             }
         }
@@ -1155,6 +1296,112 @@ mod tests {
             other => panic!("unexpected payload {other:?}"),
         }
         assert!(got[1].get_membership().is_some());
+    }
+
+    /// The redb value of the commit point, as a store opened again would find it there.
+    fn committed_in_redb(path: &Path) -> Option<LogIdOf<Tc>> {
+        let db = Database::create(path).expect("open db");
+        read_meta(&db, KEY_COMMITTED).expect("read committed")
+    }
+
+    #[tokio::test]
+    async fn the_commit_point_reaches_its_file_without_a_transaction_and_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        {
+            let mut store = LogStore::<Tc>::open(&path).expect("open");
+            let mut written = store.written();
+            store
+                .blocking_append(vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")])
+                .await
+                .expect("append");
+            store
+                .save_committed(Some(log_id(1, 1, 1)))
+                .await
+                .expect("save committed");
+            written.wait_for(1).await.expect("covered");
+            store
+                .save_committed(Some(log_id(1, 1, 2)))
+                .await
+                .expect("save committed");
+            written.wait_for(2).await.expect("covered");
+        }
+        // A group of commit points alone opens no transaction: redb has none, the file has it.
+        assert_eq!(committed_in_redb(&path), None);
+        let mut store = LogStore::<Tc>::open(&path).expect("reopen");
+        assert_eq!(
+            store.read_committed().await.expect("read committed"),
+            Some(log_id(1, 1, 2))
+        );
+        let mut written = store.written();
+        written
+            .wait_for(2)
+            .await
+            .expect("a reopened store reports what it loaded");
+
+        // The next transaction carries the commit point into redb too.
+        store
+            .save_committed(Some(log_id(1, 1, 2)))
+            .await
+            .expect("save committed");
+        store
+            .blocking_append(vec![normal(1, 3, "c")])
+            .await
+            .expect("append");
+        drop(store);
+        assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 2)));
+    }
+
+    #[tokio::test]
+    async fn a_bad_commit_point_file_falls_back_to_redb() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        let commit_path = path.with_extension("commit");
+        {
+            let mut store = LogStore::<Tc>::open(&path).expect("open");
+            store
+                .blocking_append(vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")])
+                .await
+                .expect("append");
+            store
+                .save_committed(Some(log_id(1, 1, 1)))
+                .await
+                .expect("save committed");
+            store
+                .blocking_append(vec![normal(1, 3, "c")])
+                .await
+                .expect("append");
+            store
+                .save_committed(Some(log_id(1, 1, 2)))
+                .await
+                .expect("save committed");
+        }
+        assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 1)));
+
+        // Corrupt: the checksum fails, redb's value is used.
+        let mut bytes = std::fs::read(&commit_path).expect("read commit file");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&commit_path, &bytes).expect("write commit file");
+        let mut store = LogStore::<Tc>::open(&path).expect("reopen");
+        assert_eq!(
+            store.read_committed().await.expect("read committed"),
+            Some(log_id(1, 1, 1))
+        );
+        drop(store);
+
+        // Valid but past the end of the log (not this log's): ignored.
+        let past = encode(&log_id(1, 1, 9), || "commit point".into()).expect("encode");
+        CommitFile::open(&commit_path)
+            .expect("open commit file")
+            .0
+            .write(&past)
+            .expect("write");
+        let mut store = LogStore::<Tc>::open(&path).expect("reopen");
+        assert_eq!(
+            store.read_committed().await.expect("read committed"),
+            Some(log_id(1, 1, 1))
+        );
     }
 
     #[tokio::test]
@@ -1346,11 +1593,11 @@ mod tests {
     async fn unknown_format_version_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = db_path(&dir);
-        let db = Arc::new(Database::create(&path).expect("create db"));
-        let store = LogStore::<Tc>::from_database(Arc::clone(&db)).expect("from_database");
-        assert_eq!(store.path(), None);
+        let store = LogStore::<Tc>::open(&path).expect("open");
+        assert_eq!(store.path(), path);
         drop(store);
 
+        let db = Database::create(&path).expect("open db");
         let txn = db.begin_write().expect("begin write");
         {
             let mut meta = txn.open_table(META_TABLE).expect("meta table");
@@ -1358,8 +1605,9 @@ mod tests {
                 .expect("insert");
         }
         txn.commit().expect("commit");
+        drop(db);
 
-        let err = LogStore::<Tc>::from_database(db).expect_err("must refuse");
+        let err = LogStore::<Tc>::open(&path).expect_err("must refuse");
         assert!(
             matches!(
                 err,

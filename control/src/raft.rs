@@ -14,6 +14,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::commit_point::Written;
 use crate::service::Allocators;
 use crate::state::{ApiError, Command, Objects, Outcome, State};
 use crate::watch::{self, Shared};
@@ -108,6 +109,9 @@ pub struct StateMachine {
     since: SinceSnapshot,
     /// Encoded size of the latest snapshot, set by its builder.
     snapshot_bytes: Arc<AtomicU64>,
+    /// How far the log's commit point file reaches: an entry is applied only once it is
+    /// covered, so a replica never serves a state it could not restart with.
+    written: Written,
 }
 
 /// Asks `raft` for a snapshot whenever the state machine says one is due,
@@ -186,11 +190,13 @@ impl StateMachine {
 
     /// Opens the state machine; a snapshot found in `dir` is offered to
     /// openraft through `get_current_snapshot` and installed at start-up.
+    /// `written` is the log store's [`crate::log_store::LogStore::written`].
     pub fn open(
         dir: &Path,
         alloc: Allocators,
         shared: Shared,
         policy: SnapshotPolicy,
+        written: Written,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(Self::SNAPSHOT_FILE);
@@ -210,6 +216,7 @@ impl StateMachine {
             policy,
             since: SinceSnapshot::default(),
             snapshot_bytes: Arc::new(AtomicU64::new(snapshot_bytes)),
+            written,
         })
     }
 
@@ -288,6 +295,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
+            self.written.wait_for(index).await?;
             // About what the entry takes in the log: its object, or a small
             // fixed size for everything else.
             self.grew(match &entry.payload {
