@@ -813,7 +813,6 @@ where
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        const OP: &str = "save the committed log id";
         let Some(committed) = committed else {
             // openraft never moves the commit point back to "nothing"; keep what is stored.
             return Ok(());
