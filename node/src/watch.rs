@@ -15,8 +15,8 @@ use rand::Rng;
 use strait_proto::tls::Transport;
 use strait_proto::v1::resources_client::ResourcesClient;
 use strait_proto::v1::{
-    ApplyRequest, Condition, ListResponse, Node, NodeAddress, NodeStatus, Object, ObjectMeta,
-    WatchRequest,
+    ApplyRequest, Condition, GetRequest, ListResponse, Node, NodeAddress, NodeStatus, Object,
+    ObjectMeta, WatchRequest, object,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -355,9 +355,24 @@ impl Watcher {
     }
 }
 
-/// Applies this node's `Node` object (address and Ready condition).
+/// Applies this node's `Node` object (address and Ready condition). As the
+/// kubelet does, `lastTransitionTime` moves only when the condition's status
+/// does: an agent that reconnects to a Node already Ready keeps its time.
 async fn register(mut client: ResourcesClient<Channel>, addr: String, reg: Registration) {
     let now = rfc3339(SystemTime::now());
+    let since = match tokio::time::timeout(REGISTER_TIMEOUT, ready_since(&mut client, &reg.name))
+        .await
+    {
+        Ok(Ok(since)) => since,
+        Ok(Err(status)) => {
+            warn!(%addr, node = %reg.name, %status, "cannot read the node before registering it; its Ready time restarts");
+            None
+        }
+        Err(_) => {
+            warn!(%addr, node = %reg.name, "reading the node before registering it timed out; its Ready time restarts");
+            None
+        }
+    };
     let node = Node {
         api_version: "v1".into(),
         kind: "Node".into(),
@@ -374,8 +389,8 @@ async fn register(mut client: ResourcesClient<Channel>, addr: String, reg: Regis
             conditions: vec![Condition {
                 r#type: "Ready".into(),
                 status: "True".into(),
-                last_heartbeat_time: now.clone(),
-                last_transition_time: now,
+                last_transition_time: since.unwrap_or_else(|| now.clone()),
+                last_heartbeat_time: now,
                 reason: "StraitAgentReady".into(),
                 message: "strait node agent is watching the control plane".into(),
             }],
@@ -391,6 +406,31 @@ async fn register(mut client: ResourcesClient<Channel>, addr: String, reg: Regis
         Ok(Err(status)) => warn!(%addr, node = %reg.name, %status, "cannot register the node"),
         Err(_) => warn!(%addr, node = %reg.name, "node registration timed out"),
     }
+}
+
+/// When the stored Node `name` turned Ready, if it is Ready now.
+async fn ready_since(
+    client: &mut ResourcesClient<Channel>,
+    name: &str,
+) -> Result<Option<String>, tonic::Status> {
+    let req = GetRequest {
+        kind: "Node".into(),
+        name: name.into(),
+        ..GetRequest::default()
+    };
+    let node = match client.get(req).await {
+        Ok(resp) => resp.into_inner().object,
+        Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
+        Err(status) => return Err(status),
+    };
+    Ok(match node.and_then(|o| o.kind) {
+        Some(object::Kind::Node(n)) => n
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.r#type == "Ready"))
+            .filter(|c| c.status == "True" && !c.last_transition_time.is_empty())
+            .map(|c| c.last_transition_time),
+        _ => None,
+    })
 }
 
 /// A delay in [backoff/2, backoff], so agents restarted together do not

@@ -435,6 +435,72 @@ fn a_dead_node_agents_endpoints_go_unready_and_traffic_goes_elsewhere() {
     println!("node agent killed → its endpoints unready after {after:?} (node grace 2 s)");
 }
 
+/// The Ready condition of Node `name`: (status, lastHeartbeatTime, lastTransitionTime).
+fn node_ready(c: &Control, name: &str) -> Option<(String, String, String)> {
+    let nodes = c.json(&["nodes"]);
+    let node = nodes["items"]
+        .as_array()?
+        .iter()
+        .find(|n| n["metadata"]["name"] == name)?
+        .clone();
+    let cond = node["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?
+        .clone();
+    let field = |k: &str| cond[k].as_str().unwrap_or("").to_string();
+    Some((
+        field("status"),
+        field("lastHeartbeatTime"),
+        field("lastTransitionTime"),
+    ))
+}
+
+#[test]
+fn a_node_ready_time_moves_only_when_its_status_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Control::start(
+        &dir.path().join("c"),
+        &["--service-cidr", "127.124.4.0/24", "--node-grace", "2s"],
+    );
+    let start = |d: &str| Agent::start("n1", "127.124.104.1", &c.addr, &dir.path().join(d), &[]);
+    let mut agent = start("a");
+    let (_, beat, since) = eventually("n1 Ready", || {
+        node_ready(&c, "n1").filter(|(status, _, _)| status == "True")
+    });
+
+    // Re-registration of a Ready node (a restarted agent, a second later:
+    // the times have second precision): a new heartbeat time, the same
+    // transition time.
+    let registered = Instant::now();
+    eventually("a later second", || {
+        (registered.elapsed() > Duration::from_millis(1100)).then_some(())
+    });
+    agent.kill();
+    let mut agent = start("b");
+    let (_, _, again) = eventually("n1 re-registered with a new heartbeat", || {
+        node_ready(&c, "n1").filter(|(status, b, _)| status == "True" && *b != beat)
+    });
+    assert_eq!(
+        again, since,
+        "lastTransitionTime moved without a transition"
+    );
+
+    // A real transition moves it: NotReady, then Ready again.
+    agent.kill();
+    let (_, _, down) = eventually("n1 NotReady", || {
+        node_ready(&c, "n1").filter(|(status, _, _)| status == "False")
+    });
+    assert_ne!(
+        down, since,
+        "Ready → NotReady keeps the old transition time"
+    );
+    let _agent = start("c");
+    eventually("n1 Ready again, since a new time", || {
+        node_ready(&c, "n1").filter(|(status, _, t)| status == "True" && *t != since)
+    });
+}
+
 #[test]
 fn rolling_replacement_fails_no_new_connection_and_cuts_no_open_one() {
     let dir = tempfile::tempdir().expect("tempdir");
