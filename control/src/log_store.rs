@@ -1303,6 +1303,18 @@ mod tests {
         read_meta(&db, KEY_COMMITTED).expect("read committed")
     }
 
+    async fn commit(store: &mut LogStore<Tc>, index: u64) {
+        store
+            .save_committed(Some(log_id(1, 1, index)))
+            .await
+            .expect("save committed");
+    }
+
+    async fn committed(store: &mut LogStore<Tc>) -> Option<u64> {
+        let id = store.read_committed().await.expect("read committed");
+        id.map(|id| id.index())
+    }
+
     #[tokio::test]
     async fn the_commit_point_reaches_its_file_without_a_transaction_and_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1310,43 +1322,25 @@ mod tests {
         {
             let mut store = LogStore::<Tc>::open(&path).expect("open");
             let mut written = store.written();
-            store
-                .blocking_append(vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")])
-                .await
-                .expect("append");
-            store
-                .save_committed(Some(log_id(1, 1, 1)))
-                .await
-                .expect("save committed");
-            written.wait_for(1).await.expect("covered");
-            store
-                .save_committed(Some(log_id(1, 1, 2)))
-                .await
-                .expect("save committed");
-            written.wait_for(2).await.expect("covered");
+            let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
+            store.blocking_append(entries).await.expect("append");
+            for index in [1, 2] {
+                commit(&mut store, index).await;
+                written.wait_for(index).await.expect("covered");
+            }
         }
         // A group of commit points alone opens no transaction: redb has none, the file has it.
         assert_eq!(committed_in_redb(&path), None);
         let mut store = LogStore::<Tc>::open(&path).expect("reopen");
-        assert_eq!(
-            store.read_committed().await.expect("read committed"),
-            Some(log_id(1, 1, 2))
-        );
+        assert_eq!(committed(&mut store).await, Some(2));
         let mut written = store.written();
-        written
-            .wait_for(2)
-            .await
-            .expect("a reopened store reports what it loaded");
+        let loaded = written.wait_for(2).await;
+        loaded.expect("a reopened store reports what it loaded");
 
         // The next transaction carries the commit point into redb too.
-        store
-            .save_committed(Some(log_id(1, 1, 2)))
-            .await
-            .expect("save committed");
-        store
-            .blocking_append(vec![normal(1, 3, "c")])
-            .await
-            .expect("append");
+        commit(&mut store, 2).await;
+        let entries = vec![normal(1, 3, "c")];
+        store.blocking_append(entries).await.expect("append");
         drop(store);
         assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 2)));
     }
@@ -1358,22 +1352,12 @@ mod tests {
         let commit_path = path.with_extension("commit");
         {
             let mut store = LogStore::<Tc>::open(&path).expect("open");
-            store
-                .blocking_append(vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")])
-                .await
-                .expect("append");
-            store
-                .save_committed(Some(log_id(1, 1, 1)))
-                .await
-                .expect("save committed");
-            store
-                .blocking_append(vec![normal(1, 3, "c")])
-                .await
-                .expect("append");
-            store
-                .save_committed(Some(log_id(1, 1, 2)))
-                .await
-                .expect("save committed");
+            let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
+            store.blocking_append(entries).await.expect("append");
+            commit(&mut store, 1).await;
+            let entries = vec![normal(1, 3, "c")];
+            store.blocking_append(entries).await.expect("append");
+            commit(&mut store, 2).await;
         }
         assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 1)));
 
@@ -1383,24 +1367,15 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&commit_path, &bytes).expect("write commit file");
         let mut store = LogStore::<Tc>::open(&path).expect("reopen");
-        assert_eq!(
-            store.read_committed().await.expect("read committed"),
-            Some(log_id(1, 1, 1))
-        );
+        assert_eq!(committed(&mut store).await, Some(1));
         drop(store);
 
         // Valid but past the end of the log (not this log's): ignored.
         let past = encode(&log_id(1, 1, 9), || "commit point".into()).expect("encode");
-        CommitFile::open(&commit_path)
-            .expect("open commit file")
-            .0
-            .write(&past)
-            .expect("write");
+        let (file, _) = CommitFile::open(&commit_path).expect("open commit file");
+        file.write(&past).expect("write");
         let mut store = LogStore::<Tc>::open(&path).expect("reopen");
-        assert_eq!(
-            store.read_committed().await.expect("read committed"),
-            Some(log_id(1, 1, 1))
-        );
+        assert_eq!(committed(&mut store).await, Some(1));
     }
 
     #[tokio::test]
