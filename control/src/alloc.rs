@@ -43,7 +43,6 @@ fn pick(
     reserved: &BTreeSet<u128>,
     key: &str,
 ) -> Option<u128> {
-    let free = |v: &u128| !used.contains(v) && !reserved.contains(v);
     let split = lo + band;
     let seed = fnv1a(key.as_bytes()) as u128;
     for (a, b) in [(split, hi), (lo, split.saturating_sub(1))] {
@@ -52,11 +51,42 @@ fn pick(
         }
         let n = b - a + 1;
         let start = a + seed % n;
-        if let Some(v) = (start..=b).chain(a..start).find(free) {
-            return Some(v);
+        let found = first_free(start, b, used, reserved).or_else(|| {
+            start
+                .checked_sub(1)
+                .and_then(|end| first_free(a, end, used, reserved))
+        });
+        if found.is_some() {
+            return found;
         }
     }
     None
+}
+
+/// The lowest value in `[from, to]` in neither set. Walks `used` in order
+/// beside the candidate instead of looking each candidate up: the answer
+/// is the same (it is part of the replicated state), the cost of a run of
+/// taken values is an iterator step per value rather than a tree search.
+fn first_free(
+    from: u128,
+    to: u128,
+    used: &BTreeSet<u128>,
+    reserved: &BTreeSet<u128>,
+) -> Option<u128> {
+    if from > to {
+        return None;
+    }
+    let mut taken = used.range(from..=to).peekable();
+    let mut v = from;
+    loop {
+        if taken.next_if_eq(&&v).is_none() && !reserved.contains(&v) {
+            return Some(v);
+        }
+        if v == to {
+            return None;
+        }
+        v += 1;
+    }
 }
 
 /// 64-bit FNV-1a: a stable, dependency-free hash for deterministic choices.
@@ -362,6 +392,51 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().expect("cidr")
+    }
+
+    /// `pick` as it was first written, one lookup per candidate: the
+    /// reference the walking version must agree with.
+    fn pick_by_probing(
+        lo: u128,
+        hi: u128,
+        band: u128,
+        used: &BTreeSet<u128>,
+        reserved: &BTreeSet<u128>,
+        key: &str,
+    ) -> Option<u128> {
+        let free = |v: &u128| !used.contains(v) && !reserved.contains(v);
+        let split = lo + band;
+        let seed = fnv1a(key.as_bytes()) as u128;
+        for (a, b) in [(split, hi), (lo, split.saturating_sub(1))] {
+            if a > b {
+                continue;
+            }
+            let n = b - a + 1;
+            let start = a + seed % n;
+            if let Some(v) = (start..=b).chain(a..start).find(free) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pick_gives_the_answer_of_probing_every_candidate(
+            lo in 0u128..50,
+            len in 0u128..80,
+            band in 0u128..40,
+            used in proptest::collection::btree_set(0u128..140, 0..120),
+            reserved in proptest::collection::btree_set(0u128..140, 0..6),
+            key in "[a-z]{0,8}",
+        ) {
+            let hi = lo + len;
+            let band = band.min(len + 1);
+            proptest::prop_assert_eq!(
+                pick(lo, hi, band, &used, &reserved, &key),
+                pick_by_probing(lo, hi, band, &used, &reserved, &key)
+            );
+        }
     }
 
     #[test]
