@@ -15,8 +15,8 @@ use rand::Rng;
 use strait_proto::tls::Transport;
 use strait_proto::v1::resources_client::ResourcesClient;
 use strait_proto::v1::{
-    ApplyRequest, Condition, GetRequest, ListResponse, Node, NodeAddress, NodeStatus, Object,
-    ObjectMeta, WatchRequest, object,
+    ApplyRequest, Condition, Consistency, GetRequest, ListResponse, Node, NodeAddress, NodeStatus,
+    Object, ObjectMeta, WatchRequest, object,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -408,7 +408,9 @@ async fn register(mut client: ResourcesClient<Channel>, addr: String, reg: Regis
     }
 }
 
-/// When the stored Node `name` turned Ready, if it is Ready now.
+/// When the stored Node `name` turned Ready, if it is Ready now. Read from
+/// the replica this agent talks to (serializable): registration must not
+/// wait for a leader, and that replica has at least what it served before.
 async fn ready_since(
     client: &mut ResourcesClient<Channel>,
     name: &str,
@@ -416,6 +418,7 @@ async fn ready_since(
     let req = GetRequest {
         kind: "Node".into(),
         name: name.into(),
+        consistency: Consistency::Serializable.into(),
         ..GetRequest::default()
     };
     let node = match client.get(req).await {

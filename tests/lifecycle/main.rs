@@ -435,9 +435,21 @@ fn a_dead_node_agents_endpoints_go_unready_and_traffic_goes_elsewhere() {
     println!("node agent killed → its endpoints unready after {after:?} (node grace 2 s)");
 }
 
-/// The Ready condition of Node `name`: (status, lastHeartbeatTime, lastTransitionTime).
+/// The Ready condition of Node `name`: (status, lastHeartbeatTime,
+/// lastTransitionTime); `None` also while the control plane cannot answer
+/// (no leader elected yet).
 fn node_ready(c: &Control, name: &str) -> Option<(String, String, String)> {
-    let nodes = c.json(&["nodes"]);
+    let out = Command::new(BIN)
+        .args(["get", "nodes", "-o", "json"])
+        .env("STRAIT_SERVER", &c.addr)
+        .env("STRAIT_INSECURE", "1")
+        .stderr(Stdio::null())
+        .output()
+        .expect("spawn cli");
+    if !out.status.success() {
+        return None;
+    }
+    let nodes: Value = serde_json::from_slice(&out.stdout).expect("json");
     let node = nodes["items"]
         .as_array()?
         .iter()
@@ -461,7 +473,9 @@ fn a_node_ready_time_moves_only_when_its_status_does() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = Control::start(
         &dir.path().join("c"),
-        &["--service-cidr", "127.124.4.0/24", "--node-grace", "2s"],
+        // Long enough that the restarted agent's heartbeats resume before
+        // the node is judged, even on a loaded machine.
+        &["--service-cidr", "127.124.4.0/24", "--node-grace", "5s"],
     );
     let start = |d: &str| Agent::start("n1", "127.124.104.1", &c.addr, &dir.path().join(d), &[]);
     let mut agent = start("a");
@@ -486,7 +500,8 @@ fn a_node_ready_time_moves_only_when_its_status_does() {
         "lastTransitionTime moved without a transition"
     );
 
-    // A real transition moves it: NotReady, then Ready again.
+    // A real transition moves it: NotReady (after the grace), then Ready
+    // again.
     agent.kill();
     let (_, _, down) = eventually("n1 NotReady", || {
         node_ready(&c, "n1").filter(|(status, _, _)| status == "False")
