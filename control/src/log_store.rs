@@ -53,7 +53,6 @@ use std::sync::MutexGuard;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use crate::commit_point::{CommitFile, Reach, Reporter, Written};
 use openraft::OptionalSend;
 use openraft::RaftLogReader;
 use openraft::RaftTypeConfig;
@@ -71,6 +70,8 @@ use redb::TableDefinition;
 use redb::WriteTransaction;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use crate::commit_point::{CommitFile, Reach, Reporter, Written};
 
 /// Log entries: index -> postcard-encoded `C::Entry`.
 const LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -717,8 +718,10 @@ fn load_tail<C: RaftTypeConfig>(
         && committed.as_ref().is_none_or(|c| c.index() < file.index())
     {
         // The writer writes the file only behind the entries it covers, so a point past the
-        // log means the file does not belong to this log (a database replaced by hand).
-        if last.is_some_and(|l| file.index() <= l) {
+        // log (its last entry, or the last purged one when none is left) means the file does
+        // not belong to this log (a database replaced by hand).
+        let end = last.or(purged.as_ref().map(|p| p.index()));
+        if end.is_some_and(|end| file.index() <= end) {
             committed = Some(file);
         } else {
             tracing::warn!(
@@ -1343,6 +1346,22 @@ mod tests {
         store.blocking_append(entries).await.expect("append");
         drop(store);
         assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 2)));
+    }
+
+    #[tokio::test]
+    async fn the_commit_point_file_counts_for_a_log_purged_to_its_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        {
+            let mut store = LogStore::<Tc>::open(&path).expect("open");
+            let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
+            store.blocking_append(entries).await.expect("append");
+            store.purge(log_id(1, 1, 2)).await.expect("purge");
+            commit(&mut store, 2).await;
+        }
+        assert_eq!(committed_in_redb(&path), None);
+        let mut store = LogStore::<Tc>::open(&path).expect("reopen");
+        assert_eq!(committed(&mut store).await, Some(2));
     }
 
     #[tokio::test]
