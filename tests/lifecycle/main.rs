@@ -54,6 +54,12 @@ impl Control {
     }
 
     fn cli(&self, args: &[&str], stdin: Option<&str>) -> String {
+        self.try_cli(args, stdin)
+            .unwrap_or_else(|stderr| panic!("strait {args:?} failed: {stderr}"))
+    }
+
+    /// Runs the CLI against this replica: its stdout, or its stderr when it fails.
+    fn try_cli(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         use std::io::Write;
         let mut c = Command::new(BIN)
             .args(args)
@@ -73,12 +79,10 @@ impl Control {
         }
         drop(c.stdin.take());
         let out = c.wait_with_output().expect("cli");
-        assert!(
-            out.status.success(),
-            "strait {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn apply(&self, yaml: &str) {
@@ -439,17 +443,8 @@ fn a_dead_node_agents_endpoints_go_unready_and_traffic_goes_elsewhere() {
 /// lastTransitionTime); `None` also while the control plane cannot answer
 /// (no leader elected yet).
 fn node_ready(c: &Control, name: &str) -> Option<(String, String, String)> {
-    let out = Command::new(BIN)
-        .args(["get", "nodes", "-o", "json"])
-        .env("STRAIT_SERVER", &c.addr)
-        .env("STRAIT_INSECURE", "1")
-        .stderr(Stdio::null())
-        .output()
-        .expect("spawn cli");
-    if !out.status.success() {
-        return None;
-    }
-    let nodes: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let out = c.try_cli(&["get", "nodes", "-o", "json"], None).ok()?;
+    let nodes: Value = serde_json::from_str(&out).expect("json");
     let node = nodes["items"]
         .as_array()?
         .iter()
