@@ -14,8 +14,9 @@
 //!
 //! Two rules keep the file honest:
 //! - it is written only after every log entry up to the point it names is
-//!   durable (the log writer writes it behind the operations queued before
-//!   it), so it never names an entry the log could lose;
+//!   durable (at once when they are, as they usually are by the time the
+//!   point moves; otherwise the log writer writes it behind the operations
+//!   queued before it), so it never names an entry the log could lose;
 //! - the state machine applies an entry only once the file covers it
 //!   ([`Written::wait_for`]), so a replica killed at any moment restarts with
 //!   at least the state it had served.

@@ -16,9 +16,12 @@
 //! redb or decoding anything.
 //!
 //! The commit point also goes to a file of its own beside the database (see
-//! [`crate::commit_point`]), written by the same thread without an fsync once the operations
-//! queued before it are on disk: committing never waits for a flush of its own, and the state
-//! machine applies an entry only once that file covers it ([`LogStore::written`]).
+//! [`crate::commit_point`]), without an fsync and only once the entries it covers are on disk:
+//! by `save_committed` itself when they already are (the usual case: a replica acknowledges an
+//! entry only once it is on disk, and the leader learns the commit from those acknowledgements),
+//! otherwise by the writer thread behind the operations queued before it. Committing never
+//! waits for a flush of its own, and the state machine applies an entry only once that file
+//! covers it ([`LogStore::written`]).
 //!
 //! Durability contract (see [`RaftLogStorage`]):
 //!
@@ -27,9 +30,10 @@
 //!   whole batch is on disk;
 //! - `save_vote`, `truncate_after` and `purge` return only once their transaction is on disk;
 //!   the queue is written in order, so they are also behind every append submitted before them;
-//! - `save_committed` returns once the commit point is queued; the writer writes it to the
-//!   commit point file behind every operation queued before it, and to `raft_meta` with the next
-//!   transaction; a store opened again takes the later of the two;
+//! - `save_committed` returns once the commit point is in its file (when every entry it covers
+//!   is on disk already) or queued (the writer writes it to the file behind every operation
+//!   queued before it); the writer also carries it to `raft_meta` with the next transaction; a
+//!   store opened again takes the later of the two;
 //! - `append` refuses a batch that would leave a hole or silently overwrite entries (openraft
 //!   truncates conflicting entries before it appends);
 //! - `truncate_after` never removes an entry at or below the saved committed log id;
@@ -281,6 +285,7 @@ struct Inner<C: RaftTypeConfig> {
     db: Arc<Database>,
     path: PathBuf,
     tail: Arc<Mutex<Tail<C>>>,
+    commit: Arc<CommitSink>,
     written: Written,
     writer: Mutex<Option<mpsc::Sender<Op<C>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -318,6 +323,9 @@ struct Tail<C: RaftTypeConfig> {
     /// Bumped by every truncation: the writer evicts entries only while no truncation was
     /// submitted after what it just wrote.
     generation: u64,
+    /// Every entry up to this index is on disk and will not be truncated by anything already
+    /// submitted: a commit point within it may go to its file at once (`save_committed`).
+    durable: Option<u64>,
 }
 
 impl<C: RaftTypeConfig> Tail<C> {
@@ -519,21 +527,24 @@ where
             None => None,
         };
         let tail = load_tail::<C>(&db, found)?;
-        let (report, written) = Written::channel(tail.committed.as_ref().map(|c| c.index()));
+        let committed = tail.committed.as_ref().map(|c| c.index());
+        let (report, written) = Written::channel(committed);
         let tail = Arc::new(Mutex::new(tail));
         let (tx, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
         let writer_tail = Arc::clone(&tail);
-        let commit = CommitSink { file, report };
+        let commit = Arc::new(CommitSink::new(file, report, committed));
+        let writer_commit = Arc::clone(&commit);
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || run_writer::<C>(&writer_db, &writer_tail, rx, &commit))
+            .spawn(move || run_writer::<C>(&writer_db, &writer_tail, rx, &writer_commit))
             .map_err(|_| LogStoreError::Writer { op: OP })?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 db,
                 path: path.to_path_buf(),
                 tail,
+                commit,
                 written,
                 writer: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(thread)),
@@ -717,7 +728,7 @@ fn load_tail<C: RaftTypeConfig>(
     if let Some(file) = from_file
         && committed.as_ref().is_none_or(|c| c.index() < file.index())
     {
-        // The writer writes the file only behind the entries it covers, so a point past the
+        // The file is written only once the entries it covers are on disk, so a point past the
         // log (its last entry, or the last purged one when none is left) means the file does
         // not belong to this log (a database replaced by hand).
         let end = last.or(purged.as_ref().map(|p| p.index()));
@@ -731,6 +742,7 @@ fn load_tail<C: RaftTypeConfig>(
             );
         }
     }
+    let purged_index = purged.as_ref().map(|p| p.index());
     let next = match last {
         Some(last) => Some(last.saturating_add(1)),
         // An empty log that was never purged may start anywhere (openraft starts at 0, a store
@@ -745,6 +757,7 @@ fn load_tail<C: RaftTypeConfig>(
         committed,
         purged,
         generation: 0,
+        durable: last.or(purged_index),
     })
 }
 
@@ -822,9 +835,20 @@ where
         };
         let bytes = encode(&committed, || KEY_COMMITTED.to_string())?;
         let index = committed.index();
-        self.tail().committed = Some(committed.clone());
-        // No waiting: the writer writes it behind everything queued before it, and the state
-        // machine waits for that before applying (see `LogStore::written`).
+        let on_disk = {
+            let mut tail = self.tail();
+            tail.committed = Some(committed.clone());
+            tail.durable.is_some_and(|d| d >= index)
+        };
+        if on_disk {
+            // What it covers is on disk, and committed entries are never truncated: write it
+            // now, so the state machine need not wait for the writer to finish what it is
+            // writing (usually newer appends and their fsync).
+            self.inner.commit.advance(index, &bytes);
+        }
+        // The writer writes it behind everything queued before it when it was not written
+        // above, and carries it into redb with its next transaction. The state machine waits
+        // for the file before applying (see `LogStore::written`).
         self.submit(Op::Commit { index, bytes })?;
         tracing::trace!(committed = %committed, "raft committed log id queued");
         Ok(())
@@ -912,6 +936,10 @@ where
                 .into());
             }
             tail.generation += 1;
+            tail.durable = match (tail.durable, from.checked_sub(1)) {
+                (Some(durable), Some(kept)) => Some(durable.min(kept)),
+                _ => None,
+            };
             if from < tail.first {
                 tail.truncate(0);
                 tail.first = from;
@@ -957,9 +985,12 @@ where
     }
 }
 
-/// The writer thread's end of the commit point: the file, and the report of how far it reaches.
+/// The commit point file and the report of how far it reaches, shared by `save_committed` (a
+/// point whose entries are on disk already) and the writer thread (the others). The file only
+/// moves forward, one write at a time.
 struct CommitSink {
-    file: CommitFile,
+    /// The file, and the index of the point it holds.
+    file: Mutex<(CommitFile, Option<u64>)>,
     report: Reporter,
 }
 
@@ -972,13 +1003,24 @@ fn last_commit<C: RaftTypeConfig>(ops: &[Op<C>]) -> Option<(u64, &[u8])> {
 }
 
 impl CommitSink {
-    /// Writes the last commit point in `ops`, if any, to the file and reports it.
-    fn write_last<C: RaftTypeConfig>(&self, ops: &[Op<C>]) {
-        let Some((index, bytes)) = last_commit(ops) else {
+    /// `file` holds the point at `index`.
+    fn new(file: CommitFile, report: Reporter, index: Option<u64>) -> Self {
+        Self {
+            file: Mutex::new((file, index)),
+            report,
+        }
+    }
+
+    /// Writes the point at `index` (`bytes`, its encoded log id) and reports it, unless the file
+    /// holds that point or a later one already. Every entry up to `index` must be on disk.
+    fn advance(&self, index: u64, bytes: &[u8]) {
+        let mut file = lock(&self.file);
+        if file.1.is_some_and(|held| held >= index) {
             return;
-        };
-        match self.file.write(bytes) {
+        }
+        match file.0.write(bytes) {
             Ok(()) => {
+                file.1 = Some(index);
                 self.report.send_if_modified(|reach| match reach {
                     Reach::Upto(upto) if upto.is_none_or(|u| u < index) => {
                         *upto = Some(index);
@@ -988,6 +1030,13 @@ impl CommitSink {
                 });
             }
             Err(e) => self.fail(&format!("writing the commit point failed: {e}")),
+        }
+    }
+
+    /// Writes the last commit point in `ops`, if any (see [`CommitSink::advance`]).
+    fn write_last<C: RaftTypeConfig>(&self, ops: &[Op<C>]) {
+        if let Some((index, bytes)) = last_commit(ops) {
+            self.advance(index, bytes);
         }
     }
 
@@ -1054,6 +1103,7 @@ fn run_writer<C: RaftTypeConfig>(
         {
             let mut tail = lock(tail);
             if tail.generation == generation {
+                tail.durable = Some(tail.durable.map_or(written, |d| d.max(written)));
                 while (tail.entries.len() > TAIL_ENTRIES || tail.bytes > TAIL_BYTES)
                     && tail
                         .entries
@@ -1346,6 +1396,62 @@ mod tests {
         store.blocking_append(entries).await.expect("append");
         drop(store);
         assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 2)));
+    }
+
+    /// What `save_committed` may write to the file at once: every entry up to this index is on
+    /// disk and nothing submitted since truncates it.
+    fn durable(store: &LogStore<Tc>) -> Option<u64> {
+        store.tail().durable
+    }
+
+    #[tokio::test]
+    async fn a_commit_point_over_entries_on_disk_is_in_its_file_when_saved() {
+        use futures::FutureExt;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        let mut store = LogStore::<Tc>::open(&path).expect("open");
+        let mut written = store.written();
+        assert_eq!(durable(&store), None, "an empty log has nothing on disk");
+        let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
+        store.blocking_append(entries).await.expect("append");
+        assert_eq!(durable(&store), Some(2), "a flushed append is on disk");
+        commit(&mut store, 1).await;
+        // No waiting on the writer: the file covers the point when save_committed returns.
+        let covered = written.wait_for(1).now_or_never();
+        assert!(matches!(covered, Some(Ok(()))), "{covered:?}");
+
+        // A truncation takes back what it removes, before anything is rewritten.
+        let entries = vec![normal(1, 3, "c"), normal(1, 4, "d")];
+        store.blocking_append(entries).await.expect("append");
+        assert_eq!(durable(&store), Some(4));
+        store
+            .truncate_after(Some(log_id(1, 1, 2)))
+            .await
+            .expect("truncate");
+        assert_eq!(durable(&store), Some(2));
+        store
+            .blocking_append(vec![normal(2, 3, "c2")])
+            .await
+            .expect("append after the truncation");
+        assert_eq!(durable(&store), Some(3));
+        store
+            .save_committed(Some(log_id(2, 1, 3)))
+            .await
+            .expect("save committed");
+        let covered = written.wait_for(3).now_or_never();
+        assert!(matches!(covered, Some(Ok(()))), "{covered:?}");
+        drop(store);
+
+        let mut store = LogStore::<Tc>::open(&path).expect("reopen");
+        assert_eq!(committed(&mut store).await, Some(3));
+        assert_eq!(
+            durable(&store),
+            Some(3),
+            "what a reopened store holds is on disk"
+        );
+        let got = all_entries(&mut store).await;
+        assert_eq!(got.last().map(|e| e.log_id()), Some(log_id(2, 1, 3)));
     }
 
     #[tokio::test]
