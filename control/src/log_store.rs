@@ -1053,6 +1053,10 @@ impl CommitSink {
 /// points at the front of a group are written to their file before the group's transaction
 /// (what they cover is on disk already), the others after it; a group of commit points alone
 /// opens no transaction, and the next transaction carries the last of them into redb.
+///
+/// After a failed group nothing more is written (fail-stop): writing the appends queued behind
+/// it would leave a hole in the log, and a commit point past the hole would name entries that
+/// cannot be read back. openraft stops on the failed callbacks.
 fn run_writer<C: RaftTypeConfig>(
     db: &Database,
     tail: &Mutex<Tail<C>>,
@@ -1061,6 +1065,8 @@ fn run_writer<C: RaftTypeConfig>(
 ) {
     // The last commit point written to the file but not yet to redb.
     let mut unsaved: Option<Vec<u8>> = None;
+    // Why an earlier group failed.
+    let mut broken: Option<String> = None;
     while let Ok(op) = rx.recv() {
         let mut group = vec![op];
         while group.len() < MAX_GROUP {
@@ -1073,12 +1079,15 @@ fn run_writer<C: RaftTypeConfig>(
             .iter()
             .take_while(|op| matches!(op, Op::Commit { .. }))
             .count();
-        commit.write_last(&group[..lead]);
-        let result = if lead == group.len() {
+        let result = if let Some(reason) = &broken {
+            Err(format!("not written, an earlier write failed: {reason}"))
+        } else if lead == group.len() {
+            commit.write_last(&group);
             unsaved = last_commit(&group).map(|(_, bytes)| bytes.to_vec());
             Ok(())
         } else {
-            let result = write_group(db, &group, unsaved.as_deref());
+            commit.write_last(&group[..lead]);
+            let result = write_group(db, &group, unsaved.as_deref()).map_err(|e| e.to_string());
             match &result {
                 Ok(()) => {
                     unsaved = None;
@@ -1086,7 +1095,10 @@ fn run_writer<C: RaftTypeConfig>(
                 }
                 Err(err) => {
                     tracing::error!(ops = group.len(), error = %err, "raft log write failed");
-                    commit.fail(&err.to_string());
+                    commit.fail(err);
+                    broken = Some(err.clone());
+                    // Nothing counts as on disk any more: no commit point is written at once.
+                    lock(tail).durable = None;
                 }
             }
             result
@@ -1116,9 +1128,9 @@ fn run_writer<C: RaftTypeConfig>(
         }
         let failed = |op: &'static str| match &result {
             Ok(()) => Ok(()),
-            Err(e) => Err(LogStoreError::Group {
+            Err(reason) => Err(LogStoreError::Group {
                 op,
-                reason: e.to_string(),
+                reason: reason.clone(),
             }),
         };
         for op in group {
@@ -1452,6 +1464,47 @@ mod tests {
         );
         let got = all_entries(&mut store).await;
         assert_eq!(got.last().map(|e| e.log_id()), Some(log_id(2, 1, 3)));
+    }
+
+    // Two workers: a save_committed that wrongly blocks on the held file blocks one of them,
+    // and the timeout below still fires.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_point_past_what_is_on_disk_is_left_to_the_writer() {
+        use futures::FutureExt;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        let mut store = LogStore::<Tc>::open(&path).expect("open");
+        let mut written = store.written();
+        let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
+        store.blocking_append(entries).await.expect("append");
+        // As if entries 1 and 2 were still being written.
+        store.tail().durable = Some(0);
+        // The file stays as it is while another thread holds it.
+        let sink = Arc::clone(&store.inner.commit);
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _file = lock(&sink.file);
+            let _ = hold.send(());
+            let _ = released.recv();
+        });
+        held.recv().expect("the file is held");
+        // save_committed must not write the file itself: it returns while the file is held.
+        let mut saving = store.clone();
+        let saved = tokio::spawn(async move { commit(&mut saving, 2).await });
+        tokio::time::timeout(std::time::Duration::from_secs(60), saved)
+            .await
+            .expect("save_committed waited for the file: it tried to write it itself")
+            .expect("join");
+        let covered = written.wait_for(2).now_or_never();
+        assert!(
+            covered.is_none(),
+            "reported before it was written: {covered:?}"
+        );
+        release.send(()).expect("release the file");
+        holder.join().expect("holder");
+        written.wait_for(2).await.expect("the writer writes it");
     }
 
     #[tokio::test]
