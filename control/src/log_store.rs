@@ -1380,15 +1380,21 @@ mod tests {
         id.map(|id| id.index())
     }
 
+    /// A store at `path` holding entries 0 to 2 (term 1), all on disk.
+    async fn store_of_three(path: &Path) -> LogStore<Tc> {
+        let mut store = LogStore::<Tc>::open(path).expect("open");
+        let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
+        store.blocking_append(entries).await.expect("append");
+        store
+    }
+
     #[tokio::test]
     async fn the_commit_point_reaches_its_file_without_a_transaction_and_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = db_path(&dir);
         {
-            let mut store = LogStore::<Tc>::open(&path).expect("open");
+            let mut store = store_of_three(&path).await;
             let mut written = store.written();
-            let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
-            store.blocking_append(entries).await.expect("append");
             for index in [1, 2] {
                 commit(&mut store, index).await;
                 written.wait_for(index).await.expect("covered");
@@ -1474,10 +1480,8 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let path = db_path(&dir);
-        let mut store = LogStore::<Tc>::open(&path).expect("open");
+        let store = store_of_three(&path).await;
         let mut written = store.written();
-        let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
-        store.blocking_append(entries).await.expect("append");
         // As if entries 1 and 2 were still being written.
         store.tail().durable = Some(0);
         // The file stays as it is while another thread holds it.
@@ -1512,9 +1516,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = db_path(&dir);
         {
-            let mut store = LogStore::<Tc>::open(&path).expect("open");
-            let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
-            store.blocking_append(entries).await.expect("append");
+            let mut store = store_of_three(&path).await;
             store.purge(log_id(1, 1, 2)).await.expect("purge");
             commit(&mut store, 2).await;
         }
@@ -1529,9 +1531,7 @@ mod tests {
         let path = db_path(&dir);
         let commit_path = path.with_extension("commit");
         {
-            let mut store = LogStore::<Tc>::open(&path).expect("open");
-            let entries = vec![blank(1, 0), normal(1, 1, "a"), normal(1, 2, "b")];
-            store.blocking_append(entries).await.expect("append");
+            let mut store = store_of_three(&path).await;
             commit(&mut store, 1).await;
             let entries = vec![normal(1, 3, "c")];
             store.blocking_append(entries).await.expect("append");
