@@ -277,7 +277,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         source: e,
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir)?;
-    let log_path = cfg.data_dir.join("raft-log.redb");
+    let log_path = cfg.data_dir.join("raft-log");
     let log = LogStore::<TypeConfig>::open(&log_path).map_err(|source| StartError::LogStore {
         path: log_path.clone(),
         source: Box::new(source),

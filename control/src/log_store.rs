@@ -1,21 +1,16 @@
-//! Durable Raft log and vote storage on redb, so that a control-plane node that restarts or
-//! crashes comes back with exactly the log, vote and commit point it had acknowledged.
+//! Durable Raft log and vote storage, so that a control-plane node that restarts or crashes
+//! comes back with exactly the log, vote and commit point it had acknowledged.
 //!
 //! [`LogStore`] implements openraft's [`RaftLogStorage`] and [`RaftLogReader`] for any
-//! [`RaftTypeConfig`]. Entries, votes and log ids are stored as postcard (serde, binary) in two
-//! redb tables:
-//!
-//! - `raft_log`: log index (`u64`) to the serialized entry;
-//! - `raft_meta`: the vote, the last committed log id, the last purged log id and the on-disk
-//!   format version (the version as JSON text, so that any build can read it).
+//! [`RaftTypeConfig`] on an append-only write-ahead log ([`crate::wal`]): entries, the vote, the
+//! commit point, truncations and purges are records, postcard-encoded (serde, binary).
 //!
 //! Writes go through one writer thread per store that takes every operation queued since its
-//! last commit and writes them in one redb transaction committed with
-//! [`Durability::Immediate`] (one fsync for the group: group commit). The tail of the log is also
-//! kept in memory, decoded, so that replication and apply read recent entries without touching
-//! redb or decoding anything.
+//! last write and writes them with one `pwrite` and one `fdatasync` (group commit). The tail of
+//! the log is also kept in memory, decoded, so that replication and apply read recent entries
+//! without touching the disk or decoding anything.
 //!
-//! The commit point also goes to a file of its own beside the database (see
+//! The commit point also goes to a file of its own beside the log (see
 //! [`crate::commit_point`]), without an fsync and only once the entries it covers are on disk:
 //! by `save_committed` itself when they already are (the usual case: a replica acknowledges an
 //! entry only once it is on disk, and the leader learns the commit from those acknowledgements),
@@ -26,22 +21,23 @@
 //! Durability contract (see [`RaftLogStorage`]):
 //!
 //! - `append` returns once the batch is queued (openraft's "submitted": readers see it at once,
-//!   from memory) and calls its [`IOFlushed`] callback only once the transaction holding the
-//!   whole batch is on disk;
-//! - `save_vote`, `truncate_after` and `purge` return only once their transaction is on disk;
-//!   the queue is written in order, so they are also behind every append submitted before them;
+//!   from memory) and calls its [`IOFlushed`] callback only once the write holding the whole
+//!   batch is on disk;
+//! - `save_vote`, `truncate_after` and `purge` return only once their record is on disk; the
+//!   queue is written in order, so they are also behind every append submitted before them;
 //! - `save_committed` returns once the commit point is in its file (when every entry it covers
 //!   is on disk already) or queued (the writer writes it to the file behind every operation
-//!   queued before it); the writer also carries it to `raft_meta` with the next transaction; a
-//!   store opened again takes the later of the two;
+//!   queued before it); the writer also writes it to the log with the next group; a store opened
+//!   again takes the later of the two;
 //! - `append` refuses a batch that would leave a hole or silently overwrite entries (openraft
 //!   truncates conflicting entries before it appends);
 //! - `truncate_after` never removes an entry at or below the saved committed log id;
-//! - `purge` removes entries and records `last_purged_log_id` in the same transaction, so the
-//!   log state is consistent after a crash at any point.
+//! - `purge` records the purged log id; the segments holding only purged entries are deleted
+//!   once the record is on disk.
 //!
-//! Reads of entries that have left the in-memory tail are short redb read transactions, each of
-//! which sees one consistent snapshot; entries leave the tail only once they are on disk.
+//! Reads of entries that have left the in-memory tail are `pread`s of the segment files; entries
+//! leave the tail only once they are on disk. A log written by earlier builds (a redb database,
+//! `raft-log.redb`) is imported once, on the first open ([`crate::log_import`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -66,30 +62,14 @@ use openraft::entry::RaftEntry;
 use openraft::storage::IOFlushed;
 use openraft::storage::LogState;
 use openraft::storage::RaftLogStorage;
-use redb::Database;
-use redb::Durability;
-use redb::ReadableDatabase;
-use redb::ReadableTable;
-use redb::TableDefinition;
-use redb::WriteTransaction;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::commit_point::{CommitFile, Reach, Reporter, Written};
+use crate::wal::{Record, Recovered, Wal, WalError, WalWriter};
 
-/// Log entries: index -> postcard-encoded `C::Entry`.
-const LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// Raft metadata: key -> postcard-encoded value (the format version: JSON text).
-const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-
-const KEY_FORMAT_VERSION: &str = "format_version";
-const KEY_VOTE: &str = "vote";
-const KEY_COMMITTED: &str = "committed";
-const KEY_LAST_PURGED: &str = "last_purged_log_id";
-
-/// Version of the on-disk layout written by this module. Bump it (and add a migration) whenever
-/// the tables or the encoding change. 1: JSON values; 2: postcard values.
-pub const FORMAT_VERSION: u64 = 2;
+/// Segments are preallocated to this size; a full one is followed by the next.
+const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// At most this many entries are returned by one `limited_get_log_entries` call.
 const MAX_ENTRIES_PER_READ: usize = 4096;
@@ -97,11 +77,11 @@ const MAX_ENTRIES_PER_READ: usize = 4096;
 /// least one entry when the range holds one).
 const MAX_BYTES_PER_READ: usize = 8 * 1024 * 1024;
 /// Entries kept in memory once they are on disk: enough for every follower within a snapshot
-/// interval's reach under load to be served without a redb read.
+/// interval's reach under load to be served without a disk read.
 const TAIL_ENTRIES: usize = 8192;
 /// ... and at most this many encoded bytes of them (objects may be up to 1 MiB).
 const TAIL_BYTES: usize = 64 * 1024 * 1024;
-/// At most this many queued operations go into one transaction.
+/// At most this many queued operations go into one write.
 const MAX_GROUP: usize = 1024;
 
 /// Errors raised by [`LogStore`].
@@ -110,7 +90,17 @@ const MAX_GROUP: usize = 1024;
 /// keeping this error as the payload so its source chain stays visible.
 #[derive(Debug, thiserror::Error)]
 pub enum LogStoreError {
-    /// The redb database file could not be created or opened.
+    /// The write-ahead log failed: it cannot be opened, read or written, or it is corrupt.
+    #[error("raft log store: cannot {op}")]
+    Wal {
+        /// The store operation that was running, e.g. `"open the log"`.
+        op: &'static str,
+        /// What the log said.
+        #[source]
+        source: WalError,
+    },
+
+    /// The redb database of an earlier build could not be opened for import.
     #[error("cannot open the raft log database at {path}")]
     Open {
         /// Path of the database file.
@@ -150,14 +140,14 @@ pub enum LogStoreError {
         reason: String,
     },
 
-    /// The database was written with an on-disk format version this build does not understand.
+    /// The redb database of an earlier build has a format version this build cannot import.
     #[error(
         "raft log store: on-disk format version {found} is not supported (this build reads version {expected})"
     )]
     UnsupportedFormat {
         /// Version recorded in the database.
         found: u64,
-        /// Version this build writes and reads ([`FORMAT_VERSION`]).
+        /// Version this build imports ([`crate::log_import::FORMAT_VERSION`]).
         expected: u64,
     },
 
@@ -218,19 +208,19 @@ pub enum LogStoreError {
         op: &'static str,
     },
 
-    /// A group transaction failed; every operation in it gets this error.
+    /// A group write failed; every operation in it gets this error.
     #[error("raft log store: the write of a group holding {op} failed: {reason}")]
     Group {
         /// The store operation that was queued.
         op: &'static str,
-        /// The error of the transaction.
+        /// The error of the write.
         reason: String,
     },
 }
 
 impl LogStoreError {
-    fn redb(op: &'static str) -> impl FnOnce(redb::Error) -> Self {
-        move |source| LogStoreError::Redb { op, source }
+    fn wal(op: &'static str) -> impl FnOnce(WalError) -> Self {
+        move |source| LogStoreError::Wal { op, source }
     }
 
     fn io_kind(&self) -> io::ErrorKind {
@@ -240,8 +230,13 @@ impl LogStoreError {
             | LogStoreError::TruncateCommitted { .. } => io::ErrorKind::InvalidInput,
             LogStoreError::Decode { .. }
             | LogStoreError::UnsupportedFormat { .. }
-            | LogStoreError::Corrupt { .. } => io::ErrorKind::InvalidData,
+            | LogStoreError::Corrupt { .. }
+            | LogStoreError::Wal {
+                source: WalError::Corrupt { .. } | WalError::Format { .. },
+                ..
+            } => io::ErrorKind::InvalidData,
             LogStoreError::Open { .. }
+            | LogStoreError::Wal { .. }
             | LogStoreError::CommitFile { .. }
             | LogStoreError::Redb { .. }
             | LogStoreError::Encode { .. }
@@ -257,32 +252,17 @@ impl From<LogStoreError> for io::Error {
     }
 }
 
-/// Extension to attach the running operation to any redb error.
-trait RedbResultExt<T> {
-    fn op(self, op: &'static str) -> Result<T, LogStoreError>;
-}
-
-impl<T, E> RedbResultExt<T> for Result<T, E>
-where
-    E: Into<redb::Error>,
-{
-    fn op(self, op: &'static str) -> Result<T, LogStoreError> {
-        self.map_err(|e| LogStoreError::redb(op)(e.into()))
-    }
-}
-
-/// Durable Raft log + vote store backed by one redb database.
+/// Durable Raft log + vote store backed by one write-ahead log.
 ///
-/// Cheap to clone: every clone shares the same database handle, in-memory tail and writer
-/// thread, so a clone is what [`RaftLogStorage::get_log_reader`] hands to openraft's replication
-/// tasks. The writer thread stops (and the file can be opened again) once the last clone is
-/// dropped.
+/// Cheap to clone: every clone shares the same log, in-memory tail and writer thread, so a clone
+/// is what [`RaftLogStorage::get_log_reader`] hands to openraft's replication tasks. The writer
+/// thread stops (and the log can be opened again) once the last clone is dropped.
 pub struct LogStore<C: RaftTypeConfig> {
     inner: Arc<Inner<C>>,
 }
 
 struct Inner<C: RaftTypeConfig> {
-    db: Arc<Database>,
+    wal: Arc<Wal>,
     path: PathBuf,
     tail: Arc<Mutex<Tail<C>>>,
     commit: Arc<CommitSink>,
@@ -304,10 +284,10 @@ impl<C: RaftTypeConfig> Drop for Inner<C> {
 }
 
 /// The log as submitted, in memory: the last entries (consecutive), and what appends, truncation
-/// and purges must be checked against without reading redb.
+/// and purges must be checked against without reading the disk.
 struct Tail<C: RaftTypeConfig> {
     /// Consecutive entries ending at the last submitted one, each with its encoded size;
-    /// those before them are in redb.
+    /// those before them are on disk.
     entries: VecDeque<(C::Entry, usize)>,
     /// Index of `entries[0]` (or where it would be).
     first: u64,
@@ -320,6 +300,8 @@ struct Tail<C: RaftTypeConfig> {
     committed: Option<LogIdOf<C>>,
     /// The last purged log id.
     purged: Option<LogIdOf<C>>,
+    /// The vote as last saved (on disk).
+    vote: Option<VoteOf<C>>,
     /// Bumped by every truncation: the writer evicts entries only while no truncation was
     /// submitted after what it just wrote.
     generation: u64,
@@ -390,8 +372,7 @@ enum Op<C: RaftTypeConfig> {
         generation: u64,
         callback: IOFlushed<C>,
     },
-    Meta {
-        key: &'static str,
+    Vote {
         bytes: Vec<u8>,
         done: Done,
     },
@@ -417,7 +398,7 @@ impl<C: RaftTypeConfig> Op<C> {
     fn name(&self) -> &'static str {
         match self {
             Op::Append { .. } => "append log entries",
-            Op::Meta { key, .. } => key,
+            Op::Vote { .. } => "save the vote",
             Op::Truncate { .. } => "truncate the log",
             Op::Purge { .. } => "purge the log",
             Op::Commit { .. } => "save the committed log id",
@@ -449,29 +430,37 @@ impl<C: RaftTypeConfig> LogStore<C>
 where
     C::Entry: Clone,
 {
-    /// Opens (creating if absent) the redb database at `path` and prepares the log tables.
+    /// Opens (creating if absent) the log in the directory `path`, replays it and starts the
+    /// writer thread. A redb database of an earlier build beside it (`path` with the extension
+    /// `redb`) is imported first when the directory does not exist yet.
     ///
-    /// redb allows one open handle per file: opening a path that is already open (for instance
-    /// by a live clone of another `LogStore`) fails with [`LogStoreError::Open`].
+    /// The log allows one open handle: opening a path that is already open (for instance by a
+    /// live clone of another `LogStore`) fails with [`WalError::Locked`].
     ///
     /// # Errors
     ///
-    /// [`LogStoreError::Open`] if the file cannot be created or opened,
-    /// [`LogStoreError::UnsupportedFormat`] if it was written by an incompatible build, and
-    /// [`LogStoreError::Redb`] if the tables cannot be created.
+    /// [`LogStoreError::Wal`] if the log cannot be opened or is corrupt, the import's errors
+    /// (see [`crate::log_import`]), and [`LogStoreError::CommitFile`].
     ///
     /// The commit point file is `path` with the extension `commit`.
     pub fn open(path: &Path) -> Result<LogStore<C>, LogStoreError> {
-        let db = Database::create(path).map_err(|source| LogStoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let store = Self::init(Arc::new(db), path)?;
+        Self::open_sized(path, SEGMENT_BYTES)
+    }
+
+    /// [`LogStore::open`] with segments of `segment_bytes`.
+    fn open_sized(path: &Path, segment_bytes: u64) -> Result<LogStore<C>, LogStoreError> {
+        let legacy = path.with_extension("redb");
+        if !path.exists() && legacy.exists() {
+            crate::log_import::import::<C>(&legacy, path, segment_bytes)?;
+        }
+        let (wal, writer, recovered) =
+            Wal::open(path, segment_bytes).map_err(LogStoreError::wal("open the log"))?;
+        let store = Self::init(wal, writer, recovered, path)?;
         tracing::info!(path = %path.display(), "raft log store opened");
         Ok(store)
     }
 
-    /// The database file this store was opened from.
+    /// The log directory this store was opened from.
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
@@ -482,35 +471,13 @@ where
         self.inner.written.clone()
     }
 
-    /// Creates the tables, checks (or records) the on-disk format version, loads the log state
-    /// and starts the writer thread.
-    fn init(db: Arc<Database>, path: &Path) -> Result<LogStore<C>, LogStoreError> {
-        const OP: &str = "initialise the log tables";
-        write_durably(&db, OP, |txn| {
-            txn.open_table(LOG_TABLE).op(OP)?;
-            let mut meta = txn.open_table(META_TABLE).op(OP)?;
-            let found = match meta.get(KEY_FORMAT_VERSION).op(OP)? {
-                Some(v) => Some(serde_json::from_slice::<u64>(v.value()).map_err(|e| {
-                    LogStoreError::Decode {
-                        what: "format version".into(),
-                        reason: e.to_string(),
-                    }
-                })?),
-                None => None,
-            };
-            match found {
-                Some(FORMAT_VERSION) => Ok(()),
-                Some(found) => Err(LogStoreError::UnsupportedFormat {
-                    found,
-                    expected: FORMAT_VERSION,
-                }),
-                None => {
-                    let bytes = FORMAT_VERSION.to_string();
-                    meta.insert(KEY_FORMAT_VERSION, bytes.as_bytes()).op(OP)?;
-                    Ok(())
-                }
-            }
-        })?;
+    /// Loads the log state from what replay found and starts the writer thread.
+    fn init(
+        wal: Arc<Wal>,
+        writer: WalWriter,
+        recovered: Recovered,
+        path: &Path,
+    ) -> Result<LogStore<C>, LogStoreError> {
         let commit_path = path.with_extension("commit");
         let (file, found) =
             CommitFile::open(&commit_path).map_err(|source| LogStoreError::CommitFile {
@@ -526,22 +493,21 @@ where
             }
             None => None,
         };
-        let tail = load_tail::<C>(&db, found)?;
+        let tail = load_tail::<C>(&recovered, found)?;
         let committed = tail.committed.as_ref().map(|c| c.index());
         let (report, written) = Written::channel(committed);
         let tail = Arc::new(Mutex::new(tail));
         let (tx, rx) = mpsc::channel();
-        let writer_db = Arc::clone(&db);
         let writer_tail = Arc::clone(&tail);
         let commit = Arc::new(CommitSink::new(file, report, committed));
         let writer_commit = Arc::clone(&commit);
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || run_writer::<C>(&writer_db, &writer_tail, rx, &writer_commit))
-            .map_err(|_| LogStoreError::Writer { op: OP })?;
+            .spawn(move || run_writer::<C>(writer, &writer_tail, rx, &writer_commit))
+            .map_err(|_| LogStoreError::Writer { op: "start" })?;
         Ok(LogStore {
             inner: Arc::new(Inner {
-                db,
+                wal,
                 path: path.to_path_buf(),
                 tail,
                 commit,
@@ -582,15 +548,7 @@ where
         }
     }
 
-    /// Reads one metadata value in its own read transaction.
-    fn read_meta<T: DeserializeOwned>(
-        &self,
-        key: &'static str,
-    ) -> Result<Option<T>, LogStoreError> {
-        read_meta(&self.inner.db, key)
-    }
-
-    /// Reads the log state from memory (the last entry from redb when none is in memory).
+    /// Reads the log state from memory (the last entry from disk when none is in memory).
     fn log_state(&self) -> Result<LogState<C>, LogStoreError> {
         let (purged, on_disk) = {
             let tail = self.tail();
@@ -618,7 +576,7 @@ where
     }
 
     /// Reads the entries in `[start, end)` (`end == None`: to the end of the log): from memory
-    /// what is there, the rest from redb read transactions. `limited` stops early at the
+    /// what is there, the rest from disk. `limited` stops early at the
     /// per-read limits. Fails on a hole.
     fn read_entries(
         &self,
@@ -660,77 +618,69 @@ where
         Ok(out)
     }
 
-    /// Reads `[start, end)` from redb.
+    /// Reads `[start, end)` from disk.
     fn read_disk(
         &self,
         start: u64,
         end: Option<u64>,
         limited: bool,
     ) -> Result<Vec<C::Entry>, LogStoreError> {
-        const OP: &str = "read log entries";
         if end.is_some_and(|end| start >= end) {
             return Ok(Vec::new());
         }
-        let txn = self.inner.db.begin_read().op(OP)?;
-        let log = txn.open_table(LOG_TABLE).op(OP)?;
-        let range = match end {
-            Some(end) => log.range(start..end).op(OP)?,
-            None => log.range(start..).op(OP)?,
+        let (limit, max_bytes) = if limited {
+            (MAX_ENTRIES_PER_READ, MAX_BYTES_PER_READ)
+        } else {
+            (usize::MAX, usize::MAX)
         };
-
-        let mut entries = Vec::new();
-        let mut bytes_read = 0usize;
-        let mut expected: Option<u64> = None;
-        for item in range {
-            let (k, v) = item.op(OP)?;
-            let index = k.value();
-            if let Some(expected) = expected
-                && index != expected
-            {
-                return Err(LogStoreError::Corrupt {
-                    expected,
-                    found: index,
-                });
-            }
-            let raw = v.value();
-            let entry: C::Entry = decode(raw, || format!("log entry {index}"))?;
-            if entry.index() != index {
-                return Err(LogStoreError::Corrupt {
-                    expected: index,
-                    found: entry.index(),
-                });
-            }
-            entries.push(entry);
-            bytes_read = bytes_read.saturating_add(raw.len());
-            if limited
-                && (entries.len() >= MAX_ENTRIES_PER_READ || bytes_read >= MAX_BYTES_PER_READ)
-            {
-                break;
-            }
-            expected = index.checked_add(1);
-        }
-        Ok(entries)
+        let raw = self
+            .inner
+            .wal
+            .read(start, end, limit, max_bytes)
+            .map_err(LogStoreError::wal("read log entries"))?;
+        raw.into_iter()
+            .map(|(index, bytes)| {
+                let entry: C::Entry = decode(&bytes, || format!("log entry {index}"))?;
+                if entry.index() != index {
+                    return Err(LogStoreError::Corrupt {
+                        expected: index,
+                        found: entry.index(),
+                    });
+                }
+                Ok(entry)
+            })
+            .collect()
     }
 }
 
-/// The log state as redb holds it, for a store just opened; `from_file` is the commit point
-/// file's, which is used when it is later than redb's and within the log.
+/// The log state of a store just opened, from what replay found; `from_file` is the commit point
+/// file's, which is used when it is later than the log's and within the log.
 fn load_tail<C: RaftTypeConfig>(
-    db: &Database,
+    recovered: &Recovered,
     from_file: Option<LogIdOf<C>>,
 ) -> Result<Tail<C>, LogStoreError> {
-    const OP: &str = "read the log state";
-    let purged: Option<LogIdOf<C>> = read_meta(db, KEY_LAST_PURGED)?;
-    let mut committed: Option<LogIdOf<C>> = read_meta(db, KEY_COMMITTED)?;
-    let txn = db.begin_read().op(OP)?;
-    let log = txn.open_table(LOG_TABLE).op(OP)?;
-    let last = log.last().op(OP)?.map(|(k, _)| k.value());
+    let purged: Option<LogIdOf<C>> = recovered
+        .purged
+        .as_ref()
+        .map(|(_, bytes)| decode(bytes, || "purged log id".into()))
+        .transpose()?;
+    let mut committed: Option<LogIdOf<C>> = recovered
+        .committed
+        .as_deref()
+        .map(|bytes| decode(bytes, || "commit point".into()))
+        .transpose()?;
+    let vote: Option<VoteOf<C>> = recovered
+        .vote
+        .as_deref()
+        .map(|bytes| decode(bytes, || "vote".into()))
+        .transpose()?;
+    let last = recovered.last;
     if let Some(file) = from_file
         && committed.as_ref().is_none_or(|c| c.index() < file.index())
     {
         // The file is written only once the entries it covers are on disk, so a point past the
         // log (its last entry, or the last purged one when none is left) means the file does
-        // not belong to this log (a database replaced by hand).
+        // not belong to this log (a log replaced by hand).
         let end = last.or(purged.as_ref().map(|p| p.index()));
         if end.is_some_and(|end| file.index() <= end) {
             committed = Some(file);
@@ -756,22 +706,10 @@ fn load_tail<C: RaftTypeConfig>(
         bytes: 0,
         committed,
         purged,
+        vote,
         generation: 0,
         durable: last.or(purged_index),
     })
-}
-
-fn read_meta<T: DeserializeOwned>(
-    db: &Database,
-    key: &'static str,
-) -> Result<Option<T>, LogStoreError> {
-    const OP: &str = "read raft metadata";
-    let txn = db.begin_read().op(OP)?;
-    let meta = txn.open_table(META_TABLE).op(OP)?;
-    let value = meta.get(key).op(OP)?;
-    value
-        .map(|v| decode(v.value(), || key.to_string()))
-        .transpose()
 }
 
 impl<C: RaftTypeConfig> RaftLogReader<C> for LogStore<C>
@@ -789,7 +727,7 @@ where
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
-        Ok(self.read_meta(KEY_VOTE)?)
+        Ok(self.tail().vote.clone())
     }
 
     async fn limited_get_log_entries(
@@ -817,13 +755,10 @@ where
 
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
         const OP: &str = "save the vote";
-        let bytes = encode(vote, || KEY_VOTE.to_string())?;
-        self.write_and_wait(OP, |done| Op::Meta {
-            key: KEY_VOTE,
-            bytes,
-            done,
-        })
-        .await?;
+        let bytes = encode(vote, || "vote".to_string())?;
+        self.write_and_wait(OP, |done| Op::Vote { bytes, done })
+            .await?;
+        self.tail().vote = Some(vote.clone());
         tracing::debug!(vote = %vote, "raft vote saved");
         Ok(())
     }
@@ -833,7 +768,7 @@ where
             // openraft never moves the commit point back to "nothing"; keep what is stored.
             return Ok(());
         };
-        let bytes = encode(&committed, || KEY_COMMITTED.to_string())?;
+        let bytes = encode(&committed, || "commit point".to_string())?;
         let index = committed.index();
         let on_disk = {
             let mut tail = self.tail();
@@ -847,7 +782,7 @@ where
             self.inner.commit.advance(index, &bytes);
         }
         // The writer writes it behind everything queued before it when it was not written
-        // above, and carries it into redb with its next transaction. The state machine waits
+        // above, and carries it into the log with its next write. The state machine waits
         // for the file before applying (see `LogStore::written`).
         self.submit(Op::Commit { index, bytes })?;
         tracing::trace!(committed = %committed, "raft committed log id queued");
@@ -962,7 +897,7 @@ where
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
         const OP: &str = "purge the log";
         let upto = log_id.index();
-        let bytes = encode(&log_id, || KEY_LAST_PURGED.to_string())?;
+        let bytes = encode(&log_id, || "purged log id".to_string())?;
         {
             let mut tail = self.tail();
             if tail.purged.as_ref().is_some_and(|p| p.index() >= upto) {
@@ -1049,21 +984,21 @@ impl CommitSink {
     }
 }
 
-/// The writer thread: writes every queued operation, in order, a group per transaction. Commit
-/// points at the front of a group are written to their file before the group's transaction
+/// The writer thread: writes every queued operation, in order, a group per write. Commit
+/// points at the front of a group are written to their file before the group's write
 /// (what they cover is on disk already), the others after it; a group of commit points alone
-/// opens no transaction, and the next transaction carries the last of them into redb.
+/// is not written to the log, and the next write carries the last of them there.
 ///
 /// After a failed group nothing more is written (fail-stop): writing the appends queued behind
 /// it would leave a hole in the log, and a commit point past the hole would name entries that
 /// cannot be read back. openraft stops on the failed callbacks.
 fn run_writer<C: RaftTypeConfig>(
-    db: &Database,
+    mut wal: WalWriter,
     tail: &Mutex<Tail<C>>,
     rx: mpsc::Receiver<Op<C>>,
     commit: &CommitSink,
 ) {
-    // The last commit point written to the file but not yet to redb.
+    // The last commit point written to the file but not yet to the log.
     let mut unsaved: Option<Vec<u8>> = None;
     // Why an earlier group failed.
     let mut broken: Option<String> = None;
@@ -1087,7 +1022,8 @@ fn run_writer<C: RaftTypeConfig>(
             Ok(())
         } else {
             commit.write_last(&group[..lead]);
-            let result = write_group(db, &group, unsaved.as_deref()).map_err(|e| e.to_string());
+            let result = write_group(&mut wal, &group, unsaved.as_deref())
+                .map_err(|e| with_sources(&e));
             match &result {
                 Ok(()) => {
                     unsaved = None;
@@ -1139,7 +1075,7 @@ fn run_writer<C: RaftTypeConfig>(
                 Op::Append { callback, .. } => callback.io_completed(
                     failed(name).map_err(|e| io::Error::new(e.io_kind(), e.to_string())),
                 ),
-                Op::Meta { done, .. } | Op::Truncate { done, .. } | Op::Purge { done, .. } => {
+                Op::Vote { done, .. } | Op::Truncate { done, .. } | Op::Purge { done, .. } => {
                     let _ = done.send(failed(name).map_err(|e| e.to_string()));
                 }
                 Op::Commit { .. } => {}
@@ -1148,67 +1084,45 @@ fn run_writer<C: RaftTypeConfig>(
     }
 }
 
-/// Writes a group of operations in one durable transaction, and `unsaved`, a commit point queued
+/// Writes a group of operations in one durable write, and `unsaved`, a commit point queued
 /// before them, first.
 fn write_group<C: RaftTypeConfig>(
-    db: &Database,
+    wal: &mut WalWriter,
     group: &[Op<C>],
     unsaved: Option<&[u8]>,
 ) -> Result<(), LogStoreError> {
-    const OP: &str = "write a group of log operations";
-    write_durably(db, OP, |txn| {
-        let mut log = txn.open_table(LOG_TABLE).op(OP)?;
-        let mut meta = txn.open_table(META_TABLE).op(OP)?;
-        if let Some(bytes) = unsaved {
-            meta.insert(KEY_COMMITTED, bytes).op(OP)?;
-        }
-        for op in group {
-            match op {
-                Op::Append { batch, .. } => {
-                    for (index, bytes) in batch {
-                        log.insert(*index, bytes.as_slice()).op(OP)?;
-                    }
-                }
-                Op::Meta { key, bytes, .. } => {
-                    meta.insert(*key, bytes.as_slice()).op(OP)?;
-                }
-                Op::Truncate { from, .. } => {
-                    log.retain_in::<u64, _>(*from.., |_, _| false).op(OP)?;
-                }
-                Op::Purge { upto, bytes, .. } => {
-                    meta.insert(KEY_LAST_PURGED, bytes.as_slice()).op(OP)?;
-                    log.retain_in::<u64, _>(..=*upto, |_, _| false).op(OP)?;
-                }
-                Op::Commit { bytes, .. } => {
-                    meta.insert(KEY_COMMITTED, bytes.as_slice()).op(OP)?;
-                }
+    let mut records = Vec::with_capacity(group.len() + 1);
+    if let Some(bytes) = unsaved {
+        records.push(Record::Committed(bytes));
+    }
+    for op in group {
+        match op {
+            Op::Append { batch, .. } => {
+                records.extend(batch.iter().map(|(index, bytes)| Record::Entry {
+                    index: *index,
+                    bytes,
+                }));
             }
-        }
-        Ok(())
-    })
-}
-
-/// Runs `f` in one write transaction committed with [`Durability::Immediate`]; aborts it if `f`
-/// fails.
-fn write_durably<T>(
-    db: &Database,
-    op: &'static str,
-    f: impl FnOnce(&WriteTransaction) -> Result<T, LogStoreError>,
-) -> Result<T, LogStoreError> {
-    let mut txn = db.begin_write().op(op)?;
-    txn.set_durability(Durability::Immediate).op(op)?;
-    match f(&txn) {
-        Ok(value) => {
-            txn.commit().op(op)?;
-            Ok(value)
-        }
-        Err(err) => {
-            if let Err(abort_err) = txn.abort() {
-                tracing::warn!(op, error = %abort_err, "aborting a failed raft log transaction failed");
-            }
-            Err(err)
+            Op::Vote { bytes, .. } => records.push(Record::Vote(bytes)),
+            Op::Truncate { from, .. } => records.push(Record::Truncate { from: *from }),
+            Op::Purge { upto, bytes, .. } => records.push(Record::Purge { upto: *upto, bytes }),
+            Op::Commit { bytes, .. } => records.push(Record::Committed(bytes)),
         }
     }
+    wal.write(&records)
+        .map_err(LogStoreError::wal("write a group of log operations"))
+}
+
+/// `err` and every error under it, for a message that goes on without its source chain.
+fn with_sources(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// Reports `err` through the append callback and returns it as an [`io::Error`].
@@ -1310,7 +1224,7 @@ mod tests {
     }
 
     fn db_path(dir: &tempfile::TempDir) -> PathBuf {
-        dir.path().join("raft-log.redb")
+        dir.path().join("raft-log")
     }
 
     async fn all_entries(store: &mut LogStore<Tc>) -> Vec<openraft::alias::EntryOf<Tc>> {
@@ -1362,10 +1276,12 @@ mod tests {
         assert!(got[1].get_membership().is_some());
     }
 
-    /// The redb value of the commit point, as a store opened again would find it there.
-    fn committed_in_redb(path: &Path) -> Option<LogIdOf<Tc>> {
-        let db = Database::create(path).expect("open db");
-        read_meta(&db, KEY_COMMITTED).expect("read committed")
+    /// The commit point as the log holds it (the file aside), for a store that is closed.
+    fn committed_in_log(path: &Path) -> Option<LogIdOf<Tc>> {
+        let (_wal, _writer, recovered) = Wal::open(path, SEGMENT_BYTES).expect("open the log");
+        recovered
+            .committed
+            .map(|bytes| decode(&bytes, || "commit point".into()).expect("decode"))
     }
 
     async fn commit(store: &mut LogStore<Tc>, index: u64) {
@@ -1389,7 +1305,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_commit_point_reaches_its_file_without_a_transaction_and_is_reported() {
+    async fn the_commit_point_reaches_its_file_without_a_log_write_and_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = db_path(&dir);
         {
@@ -1400,20 +1316,20 @@ mod tests {
                 written.wait_for(index).await.expect("covered");
             }
         }
-        // A group of commit points alone opens no transaction: redb has none, the file has it.
-        assert_eq!(committed_in_redb(&path), None);
+        // A group of commit points alone is not written to the log: it has none, the file has it.
+        assert_eq!(committed_in_log(&path), None);
         let mut store = LogStore::<Tc>::open(&path).expect("reopen");
         assert_eq!(committed(&mut store).await, Some(2));
         let mut written = store.written();
         let loaded = written.wait_for(2).await;
         loaded.expect("a reopened store reports what it loaded");
 
-        // The next transaction carries the commit point into redb too.
+        // The next write carries the commit point into the log too.
         commit(&mut store, 2).await;
         let entries = vec![normal(1, 3, "c")];
         store.blocking_append(entries).await.expect("append");
         drop(store);
-        assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 2)));
+        assert_eq!(committed_in_log(&path), Some(log_id(1, 1, 2)));
     }
 
     /// What `save_committed` may write to the file at once: every entry up to this index is on
@@ -1520,13 +1436,13 @@ mod tests {
             store.purge(log_id(1, 1, 2)).await.expect("purge");
             commit(&mut store, 2).await;
         }
-        assert_eq!(committed_in_redb(&path), None);
+        assert_eq!(committed_in_log(&path), None);
         let mut store = LogStore::<Tc>::open(&path).expect("reopen");
         assert_eq!(committed(&mut store).await, Some(2));
     }
 
     #[tokio::test]
-    async fn a_bad_commit_point_file_falls_back_to_redb() {
+    async fn a_bad_commit_point_file_falls_back_to_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = db_path(&dir);
         let commit_path = path.with_extension("commit");
@@ -1537,9 +1453,9 @@ mod tests {
             store.blocking_append(entries).await.expect("append");
             commit(&mut store, 2).await;
         }
-        assert_eq!(committed_in_redb(&path), Some(log_id(1, 1, 1)));
+        assert_eq!(committed_in_log(&path), Some(log_id(1, 1, 1)));
 
-        // Corrupt: the checksum fails, redb's value is used.
+        // Corrupt: the checksum fails, the log's value is used.
         let mut bytes = std::fs::read(&commit_path).expect("read commit file");
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
@@ -1736,7 +1652,16 @@ mod tests {
         let path = db_path(&dir);
         let store = LogStore::<Tc>::open(&path).expect("open");
         let err = LogStore::<Tc>::open(&path).expect_err("second open must fail");
-        assert!(matches!(err, LogStoreError::Open { .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                LogStoreError::Wal {
+                    source: WalError::Locked { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         drop(store);
         LogStore::<Tc>::open(&path).expect("open after close");
     }
@@ -1749,27 +1674,113 @@ mod tests {
         assert_eq!(store.path(), path);
         drop(store);
 
-        let db = Database::create(&path).expect("open db");
+        // A segment whose Format record carries version 99.
+        let mut body = vec![1u8];
+        body.extend_from_slice(&99u64.to_le_bytes());
+        let mut record = (body.len() as u32).to_le_bytes().to_vec();
+        record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        record.extend_from_slice(&body);
+        std::fs::write(path.join("0000000000000009.wal"), &record).expect("write segment");
+
+        let err = LogStore::<Tc>::open(&path).expect_err("must refuse");
+        assert!(
+            matches!(
+                err,
+                LogStoreError::Wal {
+                    source: WalError::Format { found: 99, .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    /// A redb database laid out as builds before the write-ahead log wrote it.
+    fn write_redb_log(
+        path: &Path,
+        version: &str,
+        meta: &[(&str, Vec<u8>)],
+        entries: &[openraft::alias::EntryOf<Tc>],
+    ) {
+        use crate::log_import::{KEY_FORMAT_VERSION, LOG_TABLE, META_TABLE};
+        let db = redb::Database::create(path).expect("create db");
         let txn = db.begin_write().expect("begin write");
         {
-            let mut meta = txn.open_table(META_TABLE).expect("meta table");
-            meta.insert(KEY_FORMAT_VERSION, b"99".as_slice())
+            let mut table = txn.open_table(META_TABLE).expect("meta table");
+            table
+                .insert(KEY_FORMAT_VERSION, version.as_bytes())
                 .expect("insert");
+            for (key, bytes) in meta {
+                table.insert(*key, bytes.as_slice()).expect("insert");
+            }
+            let mut log = txn.open_table(LOG_TABLE).expect("log table");
+            for e in entries {
+                let bytes = postcard::to_allocvec(e).expect("encode");
+                log.insert(e.index(), bytes.as_slice()).expect("insert");
+            }
         }
         txn.commit().expect("commit");
-        drop(db);
+    }
 
+    #[tokio::test]
+    async fn a_redb_log_of_an_earlier_build_is_imported_once() {
+        use crate::log_import::{KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        let legacy = path.with_extension("redb");
+        let vote = VoteOf::<Tc>::new_committed(4, 2);
+        let entries = vec![normal(2, 3, "c"), membership(2, 4), normal(3, 5, "e")];
+        let meta = [
+            (KEY_VOTE, postcard::to_allocvec(&vote).expect("encode")),
+            (
+                KEY_COMMITTED,
+                postcard::to_allocvec(&log_id(2, 1, 4)).expect("encode"),
+            ),
+            (
+                KEY_LAST_PURGED,
+                postcard::to_allocvec(&log_id(2, 1, 2)).expect("encode"),
+            ),
+        ];
+        write_redb_log(&legacy, "2", &meta, &entries);
+
+        {
+            let mut store = LogStore::<Tc>::open(&path).expect("open imports");
+            assert!(!legacy.exists(), "the database is removed once imported");
+            assert_eq!(store.read_vote().await.expect("vote"), Some(vote));
+            assert_eq!(committed(&mut store).await, Some(4));
+            let state = store.get_log_state().await.expect("state");
+            assert_eq!(state.last_purged_log_id, Some(log_id(2, 1, 2)));
+            assert_eq!(state.last_log_id, Some(log_id(3, 1, 5)));
+            assert_eq!(all_entries(&mut store).await, entries);
+            store
+                .blocking_append(vec![normal(3, 6, "f")])
+                .await
+                .expect("append after import");
+        }
+        let mut store = LogStore::<Tc>::open(&path).expect("reopen");
+        assert_eq!(all_entries(&mut store).await.len(), 4);
+        assert_eq!(store.read_vote().await.expect("vote"), Some(vote));
+    }
+
+    #[tokio::test]
+    async fn a_redb_log_of_an_unknown_format_is_not_imported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        let legacy = path.with_extension("redb");
+        write_redb_log(&legacy, "99", &[], &[]);
         let err = LogStore::<Tc>::open(&path).expect_err("must refuse");
         assert!(
             matches!(
                 err,
                 LogStoreError::UnsupportedFormat {
                     found: 99,
-                    expected: FORMAT_VERSION
+                    expected: crate::log_import::FORMAT_VERSION
                 }
             ),
             "{err:?}"
         );
+        assert!(legacy.exists(), "a database that is not imported is left alone");
+        assert!(!path.exists(), "and no log is made in its place");
     }
 
     // ---- openraft's storage conformance suite ----------------------------------------------
@@ -1880,7 +1891,10 @@ mod tests {
         }
     }
 
-    struct Builder;
+    /// Builds stores whose segments hold `segment_bytes`.
+    struct Builder {
+        segment_bytes: u64,
+    }
 
     impl StoreBuilder<Tc, LogStore<Tc>, MemSm, tempfile::TempDir> for Builder {
         async fn build(
@@ -1888,7 +1902,7 @@ mod tests {
         ) -> Result<(tempfile::TempDir, LogStore<Tc>, MemSm), StorageError<Tc>> {
             let dir =
                 tempfile::tempdir().map_err(|e| StorageError::read(Tc::err_from_error(&e)))?;
-            let store = LogStore::open(&db_path(&dir))
+            let store = LogStore::open_sized(&db_path(&dir), self.segment_bytes)
                 .map_err(|e| StorageError::read(Tc::err_from_error(&e)))?;
             Ok((dir, store, MemSm::default()))
         }
@@ -1896,9 +1910,70 @@ mod tests {
 
     #[tokio::test]
     async fn openraft_storage_suite() {
-        Suite::<Tc, LogStore<Tc>, MemSm, Builder, tempfile::TempDir>::test_all(Builder)
+        let builder = Builder {
+            segment_bytes: SEGMENT_BYTES,
+        };
+        Suite::<Tc, LogStore<Tc>, MemSm, Builder, tempfile::TempDir>::test_all(builder)
             .await
             .expect("openraft storage suite");
+    }
+
+    /// The suite again with segments of a few entries each, so that appends, truncations and
+    /// purges cross segment boundaries and whole segments are deleted.
+    #[tokio::test]
+    async fn openraft_storage_suite_on_small_segments() {
+        let builder = Builder { segment_bytes: 256 };
+        Suite::<Tc, LogStore<Tc>, MemSm, Builder, tempfile::TempDir>::test_all(builder)
+            .await
+            .expect("openraft storage suite");
+    }
+
+    #[tokio::test]
+    async fn a_log_across_many_segments_survives_truncation_purge_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = db_path(&dir);
+        let segments = |path: &Path| {
+            std::fs::read_dir(path)
+                .expect("list")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+                })
+                .count()
+        };
+        {
+            let mut store = LogStore::<Tc>::open_sized(&path, 512).expect("open");
+            for i in 0..40 {
+                let entries = vec![normal(1, i, &format!("entry {i:04} {}", "x".repeat(40)))];
+                store.blocking_append(entries).await.expect("append");
+            }
+            assert!(segments(&path) > 5, "{} segments", segments(&path));
+            store.truncate_after(Some(log_id(1, 1, 29))).await.expect("truncate");
+            let entries: Vec<_> = (30..35).map(|i| normal(2, i, "again")).collect();
+            store.blocking_append(entries).await.expect("append");
+            commit(&mut store, 20).await;
+            let written = segments(&path);
+            store.purge(log_id(1, 1, 24)).await.expect("purge");
+            let left = segments(&path);
+            assert!(left < written, "purged segments are deleted: {written} → {left}");
+            store
+                .save_vote(&VoteOf::<Tc>::new_committed(2, 1))
+                .await
+                .expect("vote");
+        }
+        let mut store = LogStore::<Tc>::open_sized(&path, 512).expect("reopen");
+        let got = all_entries(&mut store).await;
+        let indexes: Vec<u64> = got.iter().map(|e| e.index()).collect();
+        assert_eq!(indexes, (25..35).collect::<Vec<_>>());
+        assert_eq!(got[5].log_id(), log_id(2, 1, 30), "the truncated entries are gone");
+        assert_eq!(got[4].log_id(), log_id(1, 1, 29));
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 24)));
+        assert_eq!(
+            store.read_vote().await.expect("vote"),
+            Some(VoteOf::<Tc>::new_committed(2, 1))
+        );
+        assert!(committed(&mut store).await >= Some(20));
     }
 
     // ---- a real single-node Raft over the store ----------------------------------------------

@@ -3,19 +3,29 @@
 //! per peer) and the `Raft` gRPC service that hands received messages to the
 //! local openraft. Payloads are openraft's own serde types as postcard
 //! (compact binary serde); the snapshot header is JSON.
+//!
+//! Replication is pipelined: openraft streams AppendEntries requests to each
+//! follower over one long-lived gRPC stream (`StreamAppend`) and the follower
+//! answers each in order once it is on disk, so the leader sends new entries
+//! without waiting for the follower's previous fsync (etcd's raft transport
+//! streams the same way).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Cursor;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -241,6 +251,71 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         .map_err(rpc_error)
     }
 
+    /// Opens a `StreamAppend` call and hands openraft the follower's answers.
+    /// Every request must be answered within [`APPEND_BATCH_TIMEOUT`] of the
+    /// previous answer (or of being sent): a follower that hangs, or a
+    /// partition that drops packets without a reset, ends the stream with
+    /// Unreachable and openraft opens a new one after its back-off. An idle
+    /// stream (nothing unanswered) waits for as long as it takes.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        _option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let mut client = self.client().map_err(rpc_error)?;
+            let addr = self.addr.clone();
+            let sent = Arc::new(AtomicU64::new(0));
+            let counted = sent.clone();
+            // A request that does not encode ends the stream: openraft sees the
+            // follower's answers stop and starts over.
+            let requests = input
+                .map(|req| encode(&req))
+                .take_while(|encoded| {
+                    if let Err(e) = encoded {
+                        tracing::error!(error = %e, "cannot encode an AppendEntries request");
+                    }
+                    std::future::ready(encoded.is_ok())
+                })
+                .filter_map(move |encoded| {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    std::future::ready(encoded.ok())
+                });
+            let rpc_failed = |addr: &str, status| {
+                rpc_error(NetError::Rpc {
+                    addr: addr.to_string(),
+                    status,
+                })
+            };
+            let answers = client
+                .stream_append(Request::new(requests))
+                .await
+                .map_err(|status| rpc_failed(&addr, status))?
+                .into_inner();
+            let state = Answers {
+                answers,
+                sent,
+                answered: 0,
+                addr,
+                done: false,
+            };
+            let stream = futures::stream::unfold(state, |mut state| async move {
+                let item = state.next().await?;
+                Some((item, state))
+            });
+            Ok(Box::pin(stream) as BoxStream<'s, _>)
+        })
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest<TypeConfig>,
@@ -302,6 +377,67 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
+/// The follower's side of one `StreamAppend` call, as the leader reads it.
+struct Answers {
+    answers: tonic::Streaming<RaftPayload>,
+    /// Requests handed to the call so far.
+    sent: Arc<AtomicU64>,
+    answered: u64,
+    addr: String,
+    done: bool,
+}
+
+impl Answers {
+    /// The next answer; `None` once the call has ended. An error is the last
+    /// item.
+    async fn next(
+        &mut self,
+    ) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
+        if self.done {
+            return None;
+        }
+        let item = self.receive().await;
+        self.done = !matches!(item, Some(Ok(_)));
+        item
+    }
+
+    async fn receive(
+        &mut self,
+    ) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
+        // Overdue: something was unanswered at the last tick and nothing has
+        // been answered since.
+        let mut waiting_since_tick = false;
+        loop {
+            match tokio::time::timeout(APPEND_BATCH_TIMEOUT, self.answers.message()).await {
+                Ok(Ok(Some(payload))) => {
+                    self.answered += 1;
+                    return Some(decode(&payload).map_err(|e| rpc_error(NetError::Codec(e))));
+                }
+                Ok(Ok(None)) => return None,
+                Ok(Err(status)) => {
+                    return Some(Err(rpc_error(NetError::Rpc {
+                        addr: self.addr.clone(),
+                        status,
+                    })));
+                }
+                Err(_elapsed) => {
+                    let unanswered = self.sent.load(Ordering::Relaxed) > self.answered;
+                    if unanswered && waiting_since_tick {
+                        let status = Status::deadline_exceeded(format!(
+                            "no answer to an AppendEntries within {APPEND_BATCH_TIMEOUT:?}"
+                        ));
+                        return Some(Err(rpc_error(NetError::Rpc {
+                            addr: self.addr.clone(),
+                            status,
+                        })));
+                    }
+                    waiting_since_tick = unanswered;
+                }
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for PeerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PeerClient({}@{})", self.target, self.addr)
@@ -325,9 +461,11 @@ fn bad(e: impl std::fmt::Display) -> Status {
 }
 
 fn reply<T: Serialize>(v: &T) -> Result<tonic::Response<RaftPayload>, Status> {
-    encode(v)
-        .map(tonic::Response::new)
-        .map_err(|e| Status::internal(e.to_string()))
+    reply_payload(v).map(tonic::Response::new)
+}
+
+fn reply_payload<T: Serialize>(v: &T) -> Result<RaftPayload, Status> {
+    encode(v).map_err(|e| Status::internal(e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -343,6 +481,42 @@ impl raft_server::Raft for RaftService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         reply(&resp)
+    }
+
+    type StreamAppendStream = BoxStream<'static, Result<RaftPayload, Status>>;
+
+    /// Feeds the leader's requests to openraft's pipelined append and sends
+    /// back each answer as it comes, in order. A request that does not decode
+    /// ends the call with InvalidArgument once the answers before it are out.
+    async fn stream_append(
+        &self,
+        req: Request<tonic::Streaming<RaftPayload>>,
+    ) -> Result<tonic::Response<Self::StreamAppendStream>, Status> {
+        let bad_request = Arc::new(Mutex::new(None::<Status>));
+        let noted = bad_request.clone();
+        let requests = req
+            .into_inner()
+            .map(move |payload| {
+                payload.and_then(|p| decode::<AppendEntriesRequest<TypeConfig>>(&p).map_err(bad))
+            })
+            .take_while(move |request| {
+                if let Err(status) = request {
+                    *noted.lock().unwrap_or_else(|e| e.into_inner()) = Some(status.clone());
+                }
+                std::future::ready(request.is_ok())
+            })
+            .filter_map(|request| std::future::ready(request.ok()));
+        let answers = self
+            .raft
+            .stream_append(requests)
+            .map(|answer| match answer {
+                Ok(result) => reply_payload(&result),
+                Err(fatal) => Err(Status::unavailable(fatal.to_string())),
+            })
+            .chain(futures::stream::once(async move {
+                bad_request.lock().unwrap_or_else(|e| e.into_inner()).take()
+            }).filter_map(|status| std::future::ready(status.map(Err))));
+        Ok(tonic::Response::new(Box::pin(answers)))
     }
 
     async fn vote(
