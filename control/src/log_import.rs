@@ -96,7 +96,7 @@ pub fn import<C: RaftTypeConfig>(
         // What an earlier, interrupted import left.
         fs::remove_dir_all(&staging).map_err(wal_io("cannot remove", &staging))?;
     }
-    let (_wal, mut writer, _) = Wal::open(&staging, segment_bytes).map_err(wal_err(OP))?;
+    let (wal, mut writer, _) = Wal::open(&staging, segment_bytes).map_err(wal_err(OP))?;
     let mut head = Vec::new();
     if let Some(vote) = &vote {
         head.push(Record::Vote(vote));
@@ -110,29 +110,26 @@ pub fn import<C: RaftTypeConfig>(
     writer.write(&head).map_err(wal_err(OP))?;
 
     let mut entries = 0u64;
-    if let Some(meta) = &meta {
-        let _ = meta;
-        match txn.open_table(LOG_TABLE) {
-            Ok(log) => {
-                let mut chunk: Vec<(u64, Vec<u8>)> = Vec::with_capacity(ENTRIES_PER_WRITE);
-                for item in log.iter().map_err(redb_err(OP))? {
-                    let (k, v) = item.map_err(redb_err(OP))?;
-                    chunk.push((k.value(), v.value().to_vec()));
-                    if chunk.len() == ENTRIES_PER_WRITE {
-                        write_entries(&mut writer, &chunk)?;
-                        entries += chunk.len() as u64;
-                        chunk.clear();
-                    }
+    match txn.open_table(LOG_TABLE) {
+        Ok(log) => {
+            let mut chunk: Vec<(u64, Vec<u8>)> = Vec::with_capacity(ENTRIES_PER_WRITE);
+            for item in log.iter().map_err(redb_err(OP))? {
+                let (k, v) = item.map_err(redb_err(OP))?;
+                chunk.push((k.value(), v.value().to_vec()));
+                if chunk.len() == ENTRIES_PER_WRITE {
+                    write_entries(&mut writer, &chunk)?;
+                    entries += chunk.len() as u64;
+                    chunk.clear();
                 }
-                write_entries(&mut writer, &chunk)?;
-                entries += chunk.len() as u64;
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(redb_err(OP)(e)),
+            write_entries(&mut writer, &chunk)?;
+            entries += chunk.len() as u64;
         }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(redb_err(OP)(e)),
     }
     drop(writer);
-    drop(_wal);
+    drop(wal);
     drop(txn);
     drop(db);
 

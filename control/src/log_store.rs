@@ -1022,8 +1022,8 @@ fn run_writer<C: RaftTypeConfig>(
             Ok(())
         } else {
             commit.write_last(&group[..lead]);
-            let result = write_group(&mut wal, &group, unsaved.as_deref())
-                .map_err(|e| with_sources(&e));
+            let result =
+                write_group(&mut wal, &group, unsaved.as_deref()).map_err(|e| with_sources(&e));
             match &result {
                 Ok(()) => {
                     unsaved = None;
@@ -1779,7 +1779,10 @@ mod tests {
             ),
             "{err:?}"
         );
-        assert!(legacy.exists(), "a database that is not imported is left alone");
+        assert!(
+            legacy.exists(),
+            "a database that is not imported is left alone"
+        );
         assert!(!path.exists(), "and no log is made in its place");
     }
 
@@ -1948,14 +1951,20 @@ mod tests {
                 store.blocking_append(entries).await.expect("append");
             }
             assert!(segments(&path) > 5, "{} segments", segments(&path));
-            store.truncate_after(Some(log_id(1, 1, 29))).await.expect("truncate");
+            store
+                .truncate_after(Some(log_id(1, 1, 29)))
+                .await
+                .expect("truncate");
             let entries: Vec<_> = (30..35).map(|i| normal(2, i, "again")).collect();
             store.blocking_append(entries).await.expect("append");
             commit(&mut store, 20).await;
             let written = segments(&path);
             store.purge(log_id(1, 1, 24)).await.expect("purge");
             let left = segments(&path);
-            assert!(left < written, "purged segments are deleted: {written} → {left}");
+            assert!(
+                left < written,
+                "purged segments are deleted: {written} → {left}"
+            );
             store
                 .save_vote(&VoteOf::<Tc>::new_committed(2, 1))
                 .await
@@ -1965,7 +1974,11 @@ mod tests {
         let got = all_entries(&mut store).await;
         let indexes: Vec<u64> = got.iter().map(|e| e.index()).collect();
         assert_eq!(indexes, (25..35).collect::<Vec<_>>());
-        assert_eq!(got[5].log_id(), log_id(2, 1, 30), "the truncated entries are gone");
+        assert_eq!(
+            got[5].log_id(),
+            log_id(2, 1, 30),
+            "the truncated entries are gone"
+        );
         assert_eq!(got[4].log_id(), log_id(1, 1, 29));
         let state = store.get_log_state().await.expect("state");
         assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 24)));

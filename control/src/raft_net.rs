@@ -513,9 +513,12 @@ impl raft_server::Raft for RaftService {
                 Ok(result) => reply_payload(&result),
                 Err(fatal) => Err(Status::unavailable(fatal.to_string())),
             })
-            .chain(futures::stream::once(async move {
-                bad_request.lock().unwrap_or_else(|e| e.into_inner()).take()
-            }).filter_map(|status| std::future::ready(status.map(Err))));
+            .chain(
+                futures::stream::once(async move {
+                    bad_request.lock().unwrap_or_else(|e| e.into_inner()).take()
+                })
+                .filter_map(|status| std::future::ready(status.map(Err))),
+            );
         Ok(tonic::Response::new(Box::pin(answers)))
     }
 

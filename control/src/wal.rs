@@ -72,7 +72,9 @@ pub enum WalError {
     #[error("the raft log at {path} is in use by another process")]
     Locked { path: PathBuf },
     /// A segment was written by a build with another record layout.
-    #[error("{path}: WAL format version {found} is not supported (this build reads version {expected})")]
+    #[error(
+        "{path}: WAL format version {found} is not supported (this build reads version {expected})"
+    )]
     Format {
         path: PathBuf,
         found: u64,
@@ -127,7 +129,8 @@ impl Index {
     /// Entries from `from` on are gone.
     fn truncate(&mut self, from: u64) {
         let keep = from.saturating_sub(self.first);
-        self.locs.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+        self.locs
+            .truncate(usize::try_from(keep).unwrap_or(usize::MAX));
     }
 
     fn purge(&mut self, upto: u64) {
@@ -157,7 +160,9 @@ impl Index {
 
     /// The segment holding the first live entry: every older one can go.
     fn oldest_needed(&self, current: u64) -> u64 {
-        self.locs.front().map_or(current, |l| l.segment.min(current))
+        self.locs
+            .front()
+            .map_or(current, |l| l.segment.min(current))
     }
 }
 
@@ -466,9 +471,8 @@ impl Wal {
             .into_iter()
             .map(|(i, loc, file)| {
                 let mut bytes = vec![0; loc.len as usize];
-                file.read_exact_at(&mut bytes, loc.offset).map_err(|e| {
-                    io_err("cannot read", &segment_path(&self.dir, loc.segment))(e)
-                })?;
+                file.read_exact_at(&mut bytes, loc.offset)
+                    .map_err(|e| io_err("cannot read", &segment_path(&self.dir, loc.segment))(e))?;
                 Ok((i, bytes))
             })
             .collect()
@@ -510,7 +514,10 @@ fn replay(
             Err(reason) => return Err(corrupt(offset, reason)),
         };
         if offset == 0 && record.kind != KIND_FORMAT {
-            return Err(corrupt(0, "the segment does not start with its format".into()));
+            return Err(corrupt(
+                0,
+                "the segment does not start with its format".into(),
+            ));
         }
         let payload = record.payload;
         let short = || corrupt(offset, "a record is too short for its kind".into());
@@ -825,10 +832,7 @@ mod tests {
         assert_eq!(rec.committed.as_deref(), Some(&b"c2"[..]));
         assert_eq!(rec.purged, Some((1, b"p1".to_vec())));
         assert_eq!(rec.last, Some(3));
-        assert_eq!(
-            entries(&wal),
-            vec![(2, b"b".to_vec()), (3, b"C".to_vec())]
-        );
+        assert_eq!(entries(&wal), vec![(2, b"b".to_vec()), (3, b"C".to_vec())]);
     }
 
     #[test]
@@ -853,10 +857,17 @@ mod tests {
             assert_eq!(wal.bounds(), Some((16, 20)));
         }
         let (wal, _w, rec) = Wal::open(dir.path(), SMALL).expect("reopen");
-        assert_eq!(rec.vote.as_deref(), Some(&b"vote"[..]), "carried by headers");
+        assert_eq!(
+            rec.vote.as_deref(),
+            Some(&b"vote"[..]),
+            "carried by headers"
+        );
         assert_eq!(rec.purged, Some((15, b"p15".to_vec())));
         let got = entries(&wal);
-        assert_eq!(got.iter().map(|(i, _)| *i).collect::<Vec<_>>(), (16..=20).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            (16..=20).collect::<Vec<_>>()
+        );
         assert!(got.iter().all(|(_, b)| *b == value));
     }
 
@@ -865,7 +876,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let end = {
             let (_wal, mut w, _) = Wal::open(dir.path(), SMALL).expect("open");
-            w.write(&[entry(1, b"one"), entry(2, b"two")]).expect("write");
+            w.write(&[entry(1, b"one"), entry(2, b"two")])
+                .expect("write");
             w.offset
         };
         // Half of a third record, as a crash mid-write leaves it.
@@ -927,9 +939,19 @@ mod tests {
             .expect("write");
         assert_eq!(wal.read(5, None, 2, usize::MAX).expect("read").len(), 2);
         assert_eq!(wal.read(5, None, 10, 6).expect("read").len(), 1);
-        assert_eq!(wal.read(5, None, 10, 1).expect("read").len(), 1, "at least one");
-        assert_eq!(wal.read(6, Some(7), 10, usize::MAX).expect("read"), vec![(6, b"bbbb".to_vec())]);
-        assert_eq!(wal.read(4, Some(6), 10, usize::MAX).expect("read"), vec![(5, b"aaaa".to_vec())]);
+        assert_eq!(
+            wal.read(5, None, 10, 1).expect("read").len(),
+            1,
+            "at least one"
+        );
+        assert_eq!(
+            wal.read(6, Some(7), 10, usize::MAX).expect("read"),
+            vec![(6, b"bbbb".to_vec())]
+        );
+        assert_eq!(
+            wal.read(4, Some(6), 10, usize::MAX).expect("read"),
+            vec![(5, b"aaaa".to_vec())]
+        );
         assert!(wal.read(8, None, 10, usize::MAX).expect("read").is_empty());
     }
 }

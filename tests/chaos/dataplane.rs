@@ -105,6 +105,30 @@ pub async fn nodes_converged(cluster: &Cluster) -> u64 {
     .await
 }
 
+/// A revision every node agent has applied, for a cluster still taking
+/// writes (where [`nodes_converged`]'s "all at the leader's revision" may
+/// never hold at one instant): the leader's revision now, once every agent
+/// has reached it.
+pub async fn nodes_reached(cluster: &Cluster) -> u64 {
+    let leader = cluster.wait_leader().await;
+    let addr = cluster.replicas[&leader].real.to_string();
+    let target = eventually("the leader's revision", || async {
+        let mut c = ClusterClient::new(channel(&addr).await?);
+        let s = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+        (!s.nodes.is_empty()).then_some(s.revision)
+    })
+    .await;
+    eventually("node agents at or past the leader's revision", || async {
+        let mut c = ClusterClient::new(channel(&addr).await?);
+        let s = c.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+        s.nodes
+            .iter()
+            .all(|n| n.applied_revision >= target)
+            .then_some(target)
+    })
+    .await
+}
+
 /// The revision of the state a node agent persisted in `data_dir`.
 pub fn persisted_revision(data_dir: &Path) -> u64 {
     use prost::Message;

@@ -15,7 +15,7 @@ use strait_proto::v1::resources_client::ResourcesClient;
 use strait_proto::v1::{WatchRequest, WatchResponse, object};
 use tokio::sync::watch;
 
-use crate::dataplane::{DataPlane, Net, Traffic, cluster_for, nodes_converged};
+use crate::dataplane::{DataPlane, Net, Traffic, cluster_for, nodes_converged, nodes_reached};
 use crate::harness::{Cluster, DEADLINE, channel, eventually};
 use crate::load::{Load, more_writes};
 use crate::report;
@@ -35,7 +35,7 @@ async fn graceful_stop_of_the_leader_then_a_follower() {
     let traffic = Traffic::start(&dp.addr);
     let load = Load::start(&c, "gs");
     more_writes(&load, &c, 10).await;
-    let from = nodes_converged(&c).await;
+    let from = nodes_reached(&c).await;
 
     // The leader, with a watch open on it.
     let leader = c.wait_leader().await;
