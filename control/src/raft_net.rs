@@ -276,6 +276,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             let addr = self.addr.clone();
             let sent = Arc::new(AtomicU64::new(0));
             let counted = sent.clone();
+            // Dropping the answers (openraft gave up on this stream) ends the requests too, so
+            // the abandoned call stops taking new entries and is closed.
+            let (abandon, abandoned) = tokio::sync::oneshot::channel::<()>();
             // A request that does not encode ends the stream: openraft sees the
             // follower's answers stop and starts over.
             let requests = input
@@ -289,16 +292,26 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 .filter_map(move |encoded| {
                     counted.fetch_add(1, Ordering::Relaxed);
                     std::future::ready(encoded.ok())
-                });
+                })
+                .take_until(abandoned);
             let rpc_failed = |addr: &str, status| {
                 rpc_error(NetError::Rpc {
                     addr: addr.to_string(),
                     status,
                 })
             };
-            let answers = client
-                .stream_append(Request::new(requests))
-                .await
+            let opened = tokio::time::timeout(
+                APPEND_BATCH_TIMEOUT,
+                client.stream_append(Request::new(requests)),
+            )
+            .await
+            .map_err(|_| {
+                let status = Status::deadline_exceeded(format!(
+                    "StreamAppend not answered within {APPEND_BATCH_TIMEOUT:?}"
+                ));
+                rpc_failed(&addr, status)
+            })?;
+            let answers = opened
                 .map_err(|status| rpc_failed(&addr, status))?
                 .into_inner();
             let state = Answers {
@@ -307,6 +320,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 answered: 0,
                 addr,
                 done: false,
+                _abandon: abandon,
             };
             let stream = futures::stream::unfold(state, |mut state| async move {
                 let item = state.next().await?;
@@ -385,6 +399,8 @@ struct Answers {
     answered: u64,
     addr: String,
     done: bool,
+    /// Dropped with the answers: ends the requests.
+    _abandon: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Answers {

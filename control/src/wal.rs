@@ -346,31 +346,27 @@ impl Wal {
             Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &lock_path)(e)),
         }
 
+        remove_staged(dir)?;
         let mut seqs = list_segments(dir)?;
+        // Segments are numbered one after another and only a prefix is ever deleted, so anything
+        // before a gap is a dead segment whose deletion a crash took back: never replay it.
+        if let Some(gap) = seqs.windows(2).rposition(|w| w[0] + 1 != w[1]) {
+            for &stale in &seqs[..=gap] {
+                let path = segment_path(dir, stale);
+                tracing::warn!(path = %path.display(), "removing a dead raft log segment left behind a gap");
+                fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+            }
+            seqs.drain(..=gap);
+        }
         let mut index = Index::default();
         let mut recovered = Recovered::default();
         let mut tail_end = None;
-        while let Some(&last) = seqs.last() {
-            let mut ends = Vec::with_capacity(seqs.len());
-            for (i, &seq) in seqs.iter().enumerate() {
-                let is_last = i + 1 == seqs.len();
-                let end = replay(dir, seq, is_last, &mut index, &mut recovered)?;
-                ends.push(end);
+        for (i, &seq) in seqs.iter().enumerate() {
+            let is_last = i + 1 == seqs.len();
+            let end = replay(dir, seq, is_last, &mut index, &mut recovered)?;
+            if is_last {
+                tail_end = Some((seq, end));
             }
-            let end = ends[ends.len() - 1];
-            if end == 0 {
-                // A segment whose first record never made it to disk (a crash while it was being
-                // created): drop it and write on in the one before.
-                let path = segment_path(dir, last);
-                tracing::warn!(path = %path.display(), "removing a raft log segment with no complete record");
-                fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
-                seqs.pop();
-                index = Index::default();
-                recovered = Recovered::default();
-                continue;
-            }
-            tail_end = Some((last, end));
-            break;
         }
         recovered.last = index.last();
 
@@ -500,7 +496,20 @@ fn replay(
     loop {
         let (record, next) = match parse(&data, offset) {
             Ok(Some(parsed)) => parsed,
-            Ok(None) => break,
+            Ok(None) => {
+                if is_last && data[offset..].iter().any(|&b| b != 0) {
+                    // A write whose first page never reached the disk but whose later ones did:
+                    // what follows the end must not be read as records once newer ones are
+                    // written before it.
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset,
+                        "the raft log ends before bytes of a write that was not completely written (a crash mid-write); zeroing them"
+                    );
+                    cut_back(&path, offset as u64, data.len() as u64)?;
+                }
+                break;
+            }
             Err(reason) if is_last => {
                 tracing::warn!(
                     path = %path.display(),
@@ -558,6 +567,9 @@ fn replay(
         }
         offset = next;
     }
+    if offset == 0 {
+        return Err(corrupt(0, "the segment holds no records".into()));
+    }
     Ok(offset as u64)
 }
 
@@ -589,7 +601,8 @@ fn header_bytes(meta: &Recovered) -> Vec<u8> {
     buf
 }
 
-/// Creates segment `seq` holding its header records, durably (the file and its name).
+/// Creates segment `seq` holding its header records, durably: written and synced under a
+/// staging name, then renamed, so that a segment is never seen without its whole header.
 fn create_segment(
     dir: &Path,
     seq: u64,
@@ -597,18 +610,35 @@ fn create_segment(
     meta: &Recovered,
 ) -> Result<File, WalError> {
     let path = segment_path(dir, seq);
+    let staged = path.with_extension(STAGED);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(io_err("cannot create", &path))?;
-    preallocate(&file, &path, segment_bytes)?;
+        .create(true)
+        .truncate(true)
+        .open(&staged)
+        .map_err(io_err("cannot create", &staged))?;
+    preallocate(&file, &staged, segment_bytes)?;
     file.write_all_at(&header_bytes(meta), 0)
-        .map_err(io_err("cannot write", &path))?;
-    file.sync_all().map_err(io_err("cannot sync", &path))?;
+        .map_err(io_err("cannot write", &staged))?;
+    file.sync_all().map_err(io_err("cannot sync", &staged))?;
+    fs::rename(&staged, &path).map_err(io_err("cannot rename", &staged))?;
     sync_dir(dir)?;
     Ok(file)
+}
+
+/// Extension of a segment being created.
+const STAGED: &str = "staged";
+
+/// Removes segments whose creation a crash interrupted.
+fn remove_staged(dir: &Path) -> Result<(), WalError> {
+    for entry in fs::read_dir(dir).map_err(io_err("cannot list", dir))? {
+        let path = entry.map_err(io_err("cannot list", dir))?.path();
+        if path.extension().is_some_and(|e| e == STAGED) {
+            fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+        }
+    }
+    Ok(())
 }
 
 /// The one writer of a [`Wal`].
@@ -767,25 +797,29 @@ impl WalWriter {
     }
 
     /// Deletes the segments before the one holding the first live entry: the current segment's
-    /// header carries the metadata they held. A failure is only logged (the segment is read
-    /// again, harmlessly, on the next start).
+    /// header carries the metadata they held. A failure is only logged, and leaves the segment
+    /// and those after it for the next purge. A deletion that a crash takes back leaves a gap
+    /// before the live segments, and replay starts after it.
     fn remove_dead_segments(&self) {
         let dead: Vec<u64> = {
-            let mut index = lock(&self.wal.index);
+            let index = lock(&self.wal.index);
             let keep = index.oldest_needed(self.seq);
-            let dead: Vec<u64> = index.files.range(..keep).map(|(&s, _)| s).collect();
-            for s in &dead {
-                index.files.remove(s);
-            }
-            dead
+            index.files.range(..keep).map(|(&s, _)| s).collect()
         };
+        // Oldest first, stopping at a failure: what is left is always a contiguous run.
         for seq in dead {
             let path = segment_path(&self.wal.dir, seq);
             match fs::remove_file(&path) {
-                Ok(()) => tracing::debug!(path = %path.display(), "raft log segment removed"),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Ok(()) => {
+                    lock(&self.wal.index).files.remove(&seq);
+                    tracing::debug!(path = %path.display(), "raft log segment removed");
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    lock(&self.wal.index).files.remove(&seq);
+                }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a raft log segment")
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a raft log segment; it is retried after the next purge");
+                    break;
                 }
             }
         }
@@ -899,6 +933,80 @@ mod tests {
         let (wal, _w, rec) = Wal::open(dir.path(), SMALL).expect("reopen again");
         assert_eq!(rec.last, Some(3));
         assert_eq!(entries(&wal)[2], (3, b"3".to_vec()));
+    }
+
+    #[test]
+    fn bytes_after_a_zeroed_end_are_zeroed_before_writing_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let end = {
+            let (_wal, mut w, _) = Wal::open(dir.path(), SMALL).expect("open");
+            w.write(&[entry(1, b"one")]).expect("write");
+            w.offset
+        };
+        // A write whose first page never reached the disk but whose later bytes did: zeros, then
+        // a complete record.
+        let mut late = Vec::new();
+        encode(&mut late, &entry(7, b"stale"));
+        let path = segment_path(dir.path(), 1);
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(&late, end + 64).expect("write");
+        drop(file);
+
+        {
+            let (_wal, mut w, rec) = Wal::open(dir.path(), SMALL).expect("reopen");
+            assert_eq!(rec.last, Some(1));
+            let data = fs::read(&path).expect("read");
+            assert!(data[end as usize..].iter().all(|&b| b == 0), "not zeroed");
+            // 64 bytes of records end exactly where the stale one began.
+            w.write(&[entry(2, &[2u8; 64 - HEADER - 9])])
+                .expect("write");
+        }
+        let (wal, _w, rec) = Wal::open(dir.path(), SMALL).expect("reopen again");
+        assert_eq!(rec.last, Some(2), "the stale record is not replayed");
+        assert_eq!(entries(&wal).len(), 2);
+    }
+
+    #[test]
+    fn a_dead_segment_left_behind_a_gap_is_not_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let value = vec![3u8; 1000];
+        let first = segment_path(dir.path(), 1);
+        let stale = {
+            let (_wal, mut w, _) = Wal::open(dir.path(), SMALL).expect("open");
+            for i in 1..=20 {
+                w.write(&[entry(i, &value)]).expect("write");
+            }
+            let stale = fs::read(&first).expect("read");
+            w.write(&[Record::Purge {
+                upto: 15,
+                bytes: b"p15",
+            }])
+            .expect("purge");
+            stale
+        };
+        let left = list_segments(dir.path()).expect("list");
+        assert!(left[0] > 2, "{left:?}");
+        // A deletion that a crash took back for the first segment only.
+        fs::write(&first, stale).expect("write");
+        let (wal, _w, rec) = Wal::open(dir.path(), SMALL).expect("reopen");
+        assert!(!first.exists(), "the stale segment is removed");
+        assert_eq!(rec.purged, Some((15, b"p15".to_vec())));
+        assert_eq!(wal.bounds(), Some((16, 20)));
+    }
+
+    #[test]
+    fn a_segment_whose_creation_was_interrupted_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (_wal, mut w, _) = Wal::open(dir.path(), SMALL).expect("open");
+            w.write(&[entry(1, b"one")]).expect("write");
+        }
+        let staged = segment_path(dir.path(), 2).with_extension(STAGED);
+        fs::write(&staged, b"partial header").expect("write");
+        let (wal, _w, rec) = Wal::open(dir.path(), SMALL).expect("reopen");
+        assert!(!staged.exists());
+        assert_eq!(rec.last, Some(1));
+        assert_eq!(entries(&wal).len(), 1);
     }
 
     #[test]
