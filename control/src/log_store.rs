@@ -1680,7 +1680,7 @@ mod tests {
         let mut record = (body.len() as u32).to_le_bytes().to_vec();
         record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         record.extend_from_slice(&body);
-        std::fs::write(path.join("0000000000000009.wal"), &record).expect("write segment");
+        std::fs::write(path.join("0000000000000002.wal"), &record).expect("write segment");
 
         let err = LogStore::<Tc>::open(&path).expect_err("must refuse");
         assert!(

@@ -17,10 +17,13 @@
 //! first live entry. Replay applies the records in order: an entry, a truncation or a purge moves
 //! the set of live entries exactly as it did when written.
 //!
-//! A crash mid-write leaves a record that does not check out at the end of the last segment.
-//! Replay stops there and the file is cut back to it (and zeroed beyond), so the next write
-//! starts from what was durable. The same anywhere else is corruption, and the log refuses to
-//! open.
+//! A crash mid-write leaves a record that does not check out (or zeros followed by some of the
+//! write) at the end of the last segment. Replay stops there and zeroes the rest of the file, so
+//! the next write starts from what was durable and nothing of the torn one can be read back. A
+//! record that does not check out anywhere else is corruption, and the log refuses to open. A new
+//! segment is written and synced under a staging name and then renamed, so a segment is never
+//! seen without its header records; and since only a prefix of the segments is ever deleted,
+//! segments before a gap (deletions a crash took back) are dead and are not replayed.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -328,7 +331,12 @@ impl Wal {
         dir: &Path,
         segment_bytes: u64,
     ) -> Result<(Arc<Wal>, WalWriter, Recovered), WalError> {
-        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let lock_path = dir.join("LOCK");
         let lock_file = OpenOptions::new()
             .create(true)
@@ -659,10 +667,10 @@ pub struct WalWriter {
 }
 
 impl WalWriter {
-    /// Writes `records`, in order, durably: one write and one `fdatasync` (two more syncs when
+    /// Writes `records`, in order, durably: one write and one `fdatasync` (a few more syncs when
     /// the current segment is full and a new one starts). Readers see the entries once it
-    /// returns. An error leaves the log as it was on disk before the call as far as replay is
-    /// concerned only if nothing of it reached the disk; the caller must stop writing.
+    /// returns. After an error part of the records may be on disk: the caller must stop writing
+    /// (a restart replays what is complete and cuts the rest off).
     pub fn write(&mut self, records: &[Record<'_>]) -> Result<(), WalError> {
         self.check(records)?;
         let mut buf = std::mem::take(&mut self.buf);
