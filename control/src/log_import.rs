@@ -134,16 +134,7 @@ pub fn import<C: RaftTypeConfig>(
     drop(db);
 
     fs::rename(&staging, wal_dir).map_err(wal_io("cannot rename into place", &staging))?;
-    if let Some(parent) = wal_dir.parent() {
-        let parent = if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        };
-        fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(wal_io("cannot sync", parent))?;
-    }
+    crate::wal::sync_parent(wal_dir).map_err(wal_err(OP))?;
     fs::remove_file(db_path).map_err(wal_io("cannot remove", db_path))?;
     tracing::info!(
         from = %db_path.display(),

@@ -214,6 +214,14 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
         .map_err(io_err("cannot sync the directory", dir))
 }
 
+/// Syncs the directory holding `path`, so that a name just created or renamed there is durable.
+pub(crate) fn sync_parent(path: &Path) -> Result<(), WalError> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
 /// Reserves `bytes` for `file` so that appends within them do not grow it (and `fdatasync` has
 /// no size to record). File systems without `fallocate` get a sparse file instead.
 fn preallocate(file: &File, path: &Path, bytes: u64) -> Result<(), WalError> {
@@ -333,9 +341,7 @@ impl Wal {
     ) -> Result<(Arc<Wal>, WalWriter, Recovered), WalError> {
         if !dir.exists() {
             fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
-            }
+            sync_parent(dir)?;
         }
         let lock_path = dir.join("LOCK");
         let lock_file = OpenOptions::new()
