@@ -157,7 +157,10 @@ pub async fn run(args: ControlArgs, tls: &crate::client::TlsArgs) -> anyhow::Res
     crate::systemd::ready(&format!("serving on {}", bound.addr));
     let _stop_watchdog = watchdog.drop_guard();
     tokio::select! {
-        r = bound.wait() => r.map_err(anyhow::Error::msg).context("gRPC server stopped"),
+        reason = bound.wait() => {
+            tracing::error!(reason, "the control replica cannot go on; exiting");
+            Err(anyhow::anyhow!(reason).context("the control replica stopped"))
+        }
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             crate::systemd::stopping();

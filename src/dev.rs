@@ -99,7 +99,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         lb_pool: args.lb_pool.clone(),
         ..Default::default()
     };
-    let control = strait_control::app::build(cfg)
+    let mut control = strait_control::app::build(cfg)
         .await
         .context("starting the control plane")?;
     strait_control::app::wait_for_leader(&control.raft, Duration::from_secs(30))
@@ -245,7 +245,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "Data in {}; Ctrl-C stops everything.",
         args.data_dir.display()
     );
-    crate::control::shutdown_signal().await;
+    tokio::select! {
+        () = crate::control::shutdown_signal() => {}
+        reason = control.wait() => {
+            tracing::error!(reason, "the embedded control plane cannot go on; exiting");
+            stop_node2.cancel();
+            agent.shutdown().await;
+            return Err(anyhow::anyhow!(reason).context("the control plane stopped"));
+        }
+    }
     stop_node2.cancel();
     agent.shutdown().await;
     control.shutdown().await;

@@ -220,12 +220,32 @@ impl Bound {
         tracing::info!(id, elapsed_ms = ms(), "control replica stopped");
     }
 
-    /// Resolves when the server stops on its own (an error).
-    pub async fn wait(&mut self) -> Result<(), String> {
-        match (&mut self.server).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+    /// Resolves, with the reason, when the replica can no longer serve: the gRPC
+    /// server stopped, or Raft stopped on a fatal error (a log or state
+    /// machine write failed: a full disk, an I/O error). After such an error
+    /// openraft takes no write and joins no election, so a replica that went
+    /// on running would only answer with errors; its caller exits instead,
+    /// and the supervisor (systemd, compose) restarts it once the cause is
+    /// fixed, from what it had on disk.
+    pub async fn wait(&mut self) -> String {
+        let mut metrics = self.raft.metrics();
+        let fatal = async move {
+            loop {
+                if let Err(fatal) = &metrics.borrow_watched().running_state {
+                    return fatal.to_string();
+                }
+                if metrics.changed().await.is_err() {
+                    return "the raft core task ended".to_string();
+                }
+            }
+        };
+        tokio::select! {
+            server = &mut self.server => match server {
+                Ok(Ok(())) => "the gRPC server stopped".into(),
+                Ok(Err(e)) => format!("the gRPC server stopped: {e}"),
+                Err(e) => format!("the gRPC server task failed: {e}"),
+            },
+            reason = fatal => format!("raft stopped: {reason}"),
         }
     }
 }

@@ -64,7 +64,7 @@ pub enum Record<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
     /// A file operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

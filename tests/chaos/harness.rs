@@ -134,6 +134,13 @@ impl Replica {
         self.spawn();
     }
 
+    /// The exit status, once the process has ended on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("wait for replica")?;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -198,7 +205,7 @@ impl Cluster {
         let real = SocketAddr::new(real_ip(self.net, id).into(), 7000);
         let proxy = SocketAddr::new(proxy_ip(self.net, id).into(), 7000);
         self.faults.spawn(id, proxy, real, who).await;
-        let data: PathBuf = self.dir().join(format!("r{id}"));
+        let data = self.data_dir(id);
         let mut args: Vec<String> = vec![
             "control".into(),
             "--id".into(),
@@ -240,6 +247,11 @@ impl Cluster {
             }
             _ => None,
         })
+    }
+
+    /// Replica `id`'s `--data-dir`.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir().join(format!("r{id}"))
     }
 
     fn dir(&self) -> &std::path::Path {

@@ -18,6 +18,7 @@ mod proxy;
 mod report;
 
 mod control_plane_outage;
+mod disk_full;
 mod graceful_leader_stop;
 mod kill_leader;
 mod node_and_backend_kills;
