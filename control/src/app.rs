@@ -228,15 +228,17 @@ impl Bound {
     /// and the supervisor (systemd, compose) restarts it once the cause is
     /// fixed, from what it had on disk.
     pub async fn wait(&mut self) -> String {
-        let mut metrics = self.raft.metrics();
+        // The server metrics (vote, role, leader, membership) change seldom,
+        // unlike the full metrics, which change with every write: waiting
+        // on them costs no wake-up per write. Their sender is dropped when
+        // the core task ends; the full metrics then say why.
+        let mut server = self.raft.server_metrics();
+        let all = self.raft.metrics();
         let fatal = async move {
-            loop {
-                if let Err(fatal) = &metrics.borrow_watched().running_state {
-                    return fatal.to_string();
-                }
-                if metrics.changed().await.is_err() {
-                    return "the raft core task ended".to_string();
-                }
+            while server.changed().await.is_ok() {}
+            match &all.borrow_watched().running_state {
+                Err(fatal) => fatal.to_string(),
+                Ok(()) => "the raft core task ended".to_string(),
             }
         };
         tokio::select! {
