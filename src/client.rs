@@ -136,7 +136,9 @@ impl Client {
 }
 
 /// An error and its causes on one line (tonic's top level says only
-/// "transport error"; the cause says which TLS check failed).
+/// "transport error"; the cause says which TLS check failed), each cause
+/// once: one whose text the line already holds (an error whose message
+/// includes its source) is not repeated.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();

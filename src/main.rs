@@ -189,7 +189,8 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once: some errors' messages already carry their source.
+            eprintln!("error: {}", client::error_chain(&*e));
             ExitCode::FAILURE
         }
     }

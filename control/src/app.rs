@@ -100,19 +100,19 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A range flag is wrong.
-    #[error("invalid {flag}: {source}")]
+    #[error("invalid {flag}")]
     Range {
         flag: &'static str,
         source: crate::alloc::AllocError,
     },
     /// The data directory cannot be used.
-    #[error("data directory {path}: {source}")]
+    #[error("data directory {path}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
     /// The log store cannot be opened.
-    #[error("opening the raft log in {path}: {source}")]
+    #[error("opening the raft log in {path}")]
     LogStore {
         path: PathBuf,
         source: Box<crate::log_store::LogStoreError>,
@@ -121,7 +121,7 @@ pub enum StartError {
     #[error("raft: {0}")]
     Raft(String),
     /// The listen address cannot be bound.
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

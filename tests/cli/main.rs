@@ -177,6 +177,51 @@ fn malformed_manifests_are_reported_with_position_and_field() {
     assert!(err.contains("limit"), "{err}");
 }
 
+/// A process that cannot start exits non-zero with one line naming what
+/// failed and why, each cause once (some errors' messages carry their
+/// source, which the chain must not repeat).
+#[test]
+fn startup_errors_name_the_cause_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").expect("file");
+    let file = file.to_str().expect("path");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("path");
+    let missing = dir.path().join("missing.yaml");
+    let missing = missing.to_str().expect("path");
+    let control = ["control", "--metrics-listen", "off", "--data-dir"];
+    for (args, cause) in [
+        (
+            [&control[..], &[data, "--node-port-range", "32000-31000"]].concat(),
+            "error: starting the control plane: invalid --node-port-range: invalid range \"32000-31000\": need 1 <= LOW <= HIGH <= 65535".to_string(),
+        ),
+        (
+            [&control[..], &[data, "--listen", &taken]].concat(),
+            format!("error: starting the control plane: binding {taken}: Address already in use (os error 98)"),
+        ),
+        (
+            [&control[..], &[file]].concat(),
+            format!("error: starting the control plane: data directory {file}: File exists (os error 17)"),
+        ),
+        (
+            vec!["node", "--name", "n1", "--node-ip", "127.0.0.1", "--metrics-listen", "off", "--data-dir", data, "--config-file", missing],
+            format!("error: starting the node agent: reading {missing}: No such file or directory (os error 2)"),
+        ),
+    ] {
+        let out = std::process::Command::new(BIN)
+            .env("STRAIT_INSECURE", "1")
+            .env("STRAIT_LOG", "off")
+            .args(&args)
+            .output()
+            .expect("run strait");
+        let err = fails(out);
+        assert_eq!(err.trim_end(), cause, "{args:?}");
+    }
+}
+
 #[test]
 fn allocators_exhaust_and_release() {
     let dir = tempfile::tempdir().expect("tempdir");
