@@ -30,7 +30,7 @@ use crate::liveness::Heartbeats;
 use crate::metrics::{Metrics, WatcherGuard};
 use crate::raft::{Raft, Response as RaftResponse};
 use crate::raft_net;
-use crate::state::{ApiError, Command, Outcome, now_unix_nanos, plural};
+use crate::state::{ApiError, Command, Outcome, State, now_unix_nanos, plural};
 use crate::watch::{self, Shared, WatchError};
 
 /// Converts an `ApiError` to the gRPC status a client sees.
@@ -370,6 +370,7 @@ impl ResourcesApi {
         );
         span.record("strait.name", object.name());
         self.authorize_apply(&caller, &mut object).await?;
+        State::admit(&object).map_err(status)?;
         let cmd = Command::Apply {
             object: object.encode_to_vec(),
             now_unix_nanos: now_unix_nanos(),

@@ -259,6 +259,29 @@ pub fn labels(errs: &mut Errors, path: &str, map: &std::collections::BTreeMap<St
     }
 }
 
+/// Kubernetes' limit on an object's annotations, keys and values together.
+pub const TOTAL_ANNOTATION_BYTES: usize = 256 * 1024;
+
+/// Validates an annotation map at `path` (apimachinery's
+/// `ValidateAnnotations`): each key a qualified name, case aside, and keys
+/// and values together at most [`TOTAL_ANNOTATION_BYTES`].
+pub fn annotations(
+    errs: &mut Errors,
+    path: &str,
+    map: &std::collections::BTreeMap<String, String>,
+) {
+    for k in map.keys() {
+        for e in label_key(&k.to_lowercase()) {
+            errs.invalid(path, k.as_str(), e);
+        }
+    }
+    let size: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > TOTAL_ANNOTATION_BYTES {
+        errs.0
+            .push(FieldError::TooLong(path.into(), TOTAL_ANNOTATION_BYTES));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +302,31 @@ mod tests {
         assert!(!label_key("-bad").is_empty());
         assert!(label_value("").is_empty());
         assert!(!label_value("bad value").is_empty());
+    }
+
+    #[test]
+    fn annotation_rules() {
+        let check = |map: &[(&str, String)]| {
+            let mut errs = Errors::default();
+            let map = map
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            annotations(&mut errs, "metadata.annotations", &map);
+            aggregate(&errs.0)
+        };
+        // Keys and values count together; the limit itself is allowed.
+        let at_limit = "x".repeat(TOTAL_ANNOTATION_BYTES - 1);
+        assert_eq!(check(&[("a", at_limit.clone())]), "[]");
+        assert_eq!(
+            check(&[("a", at_limit), ("b", String::new())]),
+            "metadata.annotations: Too long: may not be more than 262144 bytes"
+        );
+        assert_eq!(check(&[("Example.COM/Some_Key", "v".into())]), "[]");
+        assert!(
+            check(&[("bad key", String::new())])
+                .starts_with("metadata.annotations: Invalid value: \"bad key\": name part must")
+        );
     }
 
     #[test]

@@ -349,6 +349,28 @@ impl State {
 
     // ---- writes ----
 
+    /// Rules a write must pass before it is proposed that are not part of
+    /// the replicated apply. An entry must apply on every replica, and on
+    /// every replay of the log, as it did when it was acknowledged, so a
+    /// rule added after entries may have been written without it is
+    /// checked here, at the API, and not in [`State::apply`]. Today: the
+    /// annotation rules (qualified-name keys, 256 KiB in all).
+    pub fn admit(o: &Object) -> Result<(), ApiError> {
+        let (Some(kind), Some(meta)) = (o.kind(), o.metadata()) else {
+            return Ok(()); // the apply's own checks name what is missing
+        };
+        let mut errs = Errors::default();
+        field::annotations(&mut errs, "metadata.annotations", &meta.annotations);
+        if errs.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::Invalid {
+            kind: kind.to_string(),
+            name: meta.name.clone(),
+            errors: errs.0,
+        })
+    }
+
     /// Checks a command against the current state without changing it: the
     /// leader's dry run before proposing.
     pub fn check(&self, cmd: &Command) -> Result<(), ApiError> {

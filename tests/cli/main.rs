@@ -132,6 +132,20 @@ fn invalid_services_are_refused_with_apiserver_wording_and_change_nothing() {
         &svc("1web", "  ports:\n  - port: 80\n"),
     ));
     assert!(err.contains("metadata.name: Invalid value: \"1web\": a DNS-1035 label must consist of lower case alphanumeric characters"), "{err}");
+    // Annotations: keys are qualified names (case aside), 256 KiB in all.
+    let annotated = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n{annotations}spec:\n  ports:\n  - port: 80\n"
+        )
+    };
+    let err = fails(c.cli_stdin(&["apply", "-f", "-"], &annotated("    \"bad key\": x\n")));
+    assert!(err.contains("The Service \"web\" is invalid: metadata.annotations: Invalid value: \"bad key\": name part must consist of alphanumeric characters"), "{err}");
+    let big = "x".repeat(256 * 1024);
+    let err = fails(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &annotated(&format!("    a: {big}\n")),
+    ));
+    assert!(err.contains("The Service \"web\" is invalid: metadata.annotations: Too long: may not be more than 262144 bytes"), "{err}");
     // Nothing was stored and the revision did not move.
     assert_eq!(
         ok(c.cli(&["cluster", "status"])).lines().next(),
@@ -142,6 +156,11 @@ fn invalid_services_are_refused_with_apiserver_wording_and_change_nothing() {
             .as_array()
             .is_none_or(Vec::is_empty)
     );
+    // Upper case is allowed in annotation keys (the rule ignores case).
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &annotated("    Example.COM/Owner: team-a\n"),
+    ));
 }
 
 #[test]
