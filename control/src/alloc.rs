@@ -116,16 +116,6 @@ impl ValueSet {
     }
 }
 
-impl FromIterator<u128> for ValueSet {
-    fn from_iter<I: IntoIterator<Item = u128>>(iter: I) -> Self {
-        let mut set = Self::default();
-        for v in iter {
-            set.insert(v);
-        }
-        set
-    }
-}
-
 /// Picks a free value in `[lo, hi]` for `key`: in the upper (dynamic) band
 /// first, starting at an offset derived from `key` and wrapping around,
 /// then likewise in the lower band of `band` values.
@@ -507,7 +497,10 @@ mod tests {
             let band = band.min(hi - lo + 1);
             let used: BTreeSet<u128> = used.into_iter().map(|v| base + v).collect();
             let reserved: BTreeSet<u128> = reserved.into_iter().map(|v| base + v).collect();
-            let set: ValueSet = used.iter().copied().collect();
+            let mut set = ValueSet::default();
+            for v in &used {
+                set.insert(*v);
+            }
             let list: Vec<u128> = reserved.iter().copied().collect();
             proptest::prop_assert_eq!(
                 pick(lo, hi, band, &set, &list, &key),

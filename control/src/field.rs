@@ -271,7 +271,13 @@ pub fn annotations(
     map: &std::collections::BTreeMap<String, String>,
 ) {
     for k in map.keys() {
-        for e in label_key(&k.to_lowercase()) {
+        // Lower-cased only when it has to be: this runs on every write.
+        let key = if k.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(k.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(k.as_str())
+        };
+        for e in label_key(&key) {
             errs.invalid(path, k.as_str(), e);
         }
     }
