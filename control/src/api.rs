@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::ClientWriteError;
 use prost::Message;
 use strait_proto::Kind;
 use strait_proto::fanout::resources_server;
@@ -28,6 +28,7 @@ use tracing::{Instrument, field};
 use crate::authz::{self, Caller};
 use crate::liveness::Heartbeats;
 use crate::metrics::{Metrics, WatcherGuard};
+use crate::propose::{ProposeError, Proposer};
 use crate::raft::{Raft, Response as RaftResponse};
 use crate::raft_net;
 use crate::state::{ApiError, Command, Outcome, State, now_unix_nanos, plural};
@@ -49,13 +50,16 @@ pub fn status(e: ApiError) -> Status {
 #[derive(Clone)]
 pub struct Writer {
     raft: Arc<Raft>,
+    proposer: Proposer,
     shared: Shared,
     peers: raft_net::Peers,
 }
 
 impl Writer {
+    /// Starts the proposer task, so it must run inside the runtime.
     pub fn new(raft: Arc<Raft>, shared: Shared, peers: raft_net::Peers) -> Self {
         Self {
+            proposer: Proposer::spawn(raft.clone()),
             raft,
             shared,
             peers,
@@ -69,9 +73,9 @@ impl Writer {
         if let Err(e) = watch::read(&self.shared).state().check(&cmd) {
             return Ok(RaftResponse(Err(e)));
         }
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+        match self.proposer.propose(cmd).await {
+            Ok(resp) => Ok(resp),
+            Err(ProposeError::Write(ClientWriteError::ForwardToLeader(f))) => {
                 Err(Status::unavailable(format!(
                     "not the leader (leader: {})",
                     f.leader_node

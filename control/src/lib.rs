@@ -15,6 +15,7 @@ pub mod log_import;
 pub mod log_store;
 pub mod metrics;
 pub mod objects;
+pub mod propose;
 pub mod raft;
 pub mod raft_net;
 pub mod service;

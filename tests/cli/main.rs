@@ -622,3 +622,4 @@ fn concurrent_applies_get_distinct_allocations() {
 mod dev;
 mod lifecycle;
 mod watch;
+mod writes;
