@@ -132,20 +132,26 @@ fn io_err(what: &str, e: impl fmt::Display) -> io::Error {
 }
 
 /// Writes `parts`, one after another, to `path` crash-safely: temp file,
-/// fsync, rename, fsync dir.
+/// fsync, rename, fsync dir; a failed write removes the temp file.
 pub fn write_atomically(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        for part in parts {
-            f.write_all(part)?;
-        }
-        f.into_inner()
-            .map_err(io::IntoInnerError::into_error)?
-            .sync_all()?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|f| {
+            let mut f = std::io::BufWriter::new(f);
+            for part in parts {
+                f.write_all(part)?;
+            }
+            f.into_inner()
+                .map_err(io::IntoInnerError::into_error)?
+                .sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // Leave no partial temp file behind (a full disk would keep it).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
@@ -386,7 +392,26 @@ pub type RaftHandle = Arc<Raft>;
 
 #[cfg(test)]
 mod tests {
-    use super::SinceSnapshot;
+    use super::{SinceSnapshot, write_atomically};
+
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A non-empty directory where the file goes: the rename fails.
+        let path = dir.path().join("snapshot.bin");
+        std::fs::create_dir(&path).expect("mkdir");
+        std::fs::write(path.join("x"), b"x").expect("write");
+        write_atomically(&path, &[b"a", b"b"]).expect_err("rename must fail");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("snapshot.bin")]);
+
+        std::fs::remove_dir_all(&path).expect("rm");
+        write_atomically(&path, &[b"a", b"b"]).expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"ab");
+    }
 
     fn grown(entries: u64, bytes: u64) -> SinceSnapshot {
         SinceSnapshot {

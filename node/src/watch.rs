@@ -130,11 +130,17 @@ pub fn persist(data_dir: &Path, state: &NodeState) -> Result<(), WatchError> {
         source,
     };
     let bytes = state.to_list_response().encode_to_vec();
-    let mut f = std::fs::File::create(&tmp).map_err(io_err)?;
-    f.write_all(&bytes).map_err(io_err)?;
-    f.sync_all().map_err(io_err)?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(io_err)?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        // Leave no partial temp file behind (a full disk would keep it).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(e));
+    }
     std::fs::File::open(data_dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err)?;
@@ -506,5 +512,21 @@ mod tests {
             load_persisted(dir.path()),
             Err(WatchError::Decode { .. })
         ));
+    }
+
+    #[test]
+    fn failed_persist_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A non-empty directory where the state file goes: the rename fails.
+        let blocker = dir.path().join(STATE_FILE);
+        std::fs::create_dir(&blocker).expect("mkdir");
+        std::fs::write(blocker.join("x"), b"x").expect("write");
+        let err = persist(dir.path(), &NodeState::default()).expect_err("rename must fail");
+        assert!(matches!(err, WatchError::StateFile { .. }), "{err}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(STATE_FILE)]);
     }
 }
