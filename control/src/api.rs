@@ -57,9 +57,14 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the proposer task, so it must run inside the runtime.
-    pub fn new(raft: Arc<Raft>, shared: Shared, peers: raft_net::Peers) -> Self {
+    pub fn new(
+        raft: Arc<Raft>,
+        shared: Shared,
+        peers: raft_net::Peers,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
-            proposer: Proposer::spawn(raft.clone()),
+            proposer: Proposer::spawn(raft.clone(), metrics),
             raft,
             shared,
             peers,

@@ -370,8 +370,8 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
     );
 
     tokio::spawn(run_snapshot_trigger(Arc::downgrade(&raft), snapshot_due));
-    let writer = Writer::new(raft.clone(), shared.clone(), peers_net);
     let metrics = Arc::new(Metrics::new());
+    let writer = Writer::new(raft.clone(), shared.clone(), peers_net, metrics.clone());
     let (watches_stop, watches_stop_rx) = tokio::sync::watch::channel(false);
     let resources = ResourcesServer::new(
         ResourcesApi::new(

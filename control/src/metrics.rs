@@ -80,6 +80,7 @@ pub struct Metrics {
     writes: Family<WriteLabels, Counter>,
     apply_duration: Histogram,
     watch_delivery: Histogram,
+    proposal_batch: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -112,6 +113,10 @@ impl Metrics {
             writes: Family::default(),
             apply_duration: Histogram::new(latency_buckets()),
             watch_delivery: Histogram::new(latency_buckets()),
+            // 1, 2, 4, ... 256: the proposer's largest batch.
+            proposal_batch: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 9),
+            ),
             registry: Registry::default(),
         };
         registry.register("strait_raft_term", "Current Raft term", m.term.clone());
@@ -180,6 +185,11 @@ impl Metrics {
             "From the leader's commit time of a revision to its hand-off to a watcher's stream on this replica",
             m.watch_delivery.clone(),
         );
+        registry.register(
+            "strait_raft_proposal_batch_size",
+            "Writes the leader proposed to Raft in one message (writes that arrive together are batched)",
+            m.proposal_batch.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -187,6 +197,11 @@ impl Metrics {
     pub fn write_done(&self, op: &'static str, result: &'static str, took: Duration) {
         self.writes.get_or_create(&WriteLabels { op, result }).inc();
         self.apply_duration.observe(took.as_secs_f64());
+    }
+
+    /// The leader proposed `writes` writes in one message to Raft.
+    pub fn proposed(&self, writes: usize) {
+        self.proposal_batch.observe(writes as f64);
     }
 
     /// A watch stream opened; the guard counts it closed when dropped.

@@ -15,6 +15,7 @@ use openraft::error::{ClientWriteError, Fatal};
 use openraft::raft::WriteResult;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
 use crate::raft::{Raft, Response, TypeConfig};
 use crate::state::Command;
 
@@ -49,10 +50,11 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the proposer task on the current runtime.
-    pub fn spawn(raft: Arc<Raft>) -> Self {
+    /// Starts the proposer task on the current runtime; each batch's size
+    /// goes to `metrics`.
+    pub fn spawn(raft: Arc<Raft>, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(raft, metrics, rx));
         Self { tx }
     }
 
@@ -69,7 +71,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Arc<Raft>, mut rx: mpsc::Receiver<Proposal>) {
+async fn run(raft: Arc<Raft>, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Proposal>) {
     let mut queued = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut queued, MAX_BATCH).await > 0 {
         // Let the request tasks that are already runnable queue their
@@ -80,6 +82,7 @@ async fn run(raft: Arc<Raft>, mut rx: mpsc::Receiver<Proposal>) {
             let Ok(p) = rx.try_recv() else { break };
             queued.push(p);
         }
+        metrics.proposed(queued.len());
         let (cmds, replies): (Vec<_>, Vec<_>) = queued.drain(..).map(|p| (p.cmd, p.reply)).unzip();
         match raft.client_write_many(cmds).await {
             // The results come in log order; delivering them must not hold

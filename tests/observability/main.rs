@@ -349,12 +349,15 @@ fn metrics_move_with_real_traffic() {
     assert!(value(&s, "strait_apply_duration_seconds", &[]) >= 3.0);
     assert!(value(&s, "strait_watch_delivery_duration_seconds", &[]) >= 1.0);
     let writes_before = value(&s, "strait_writes_total", &[("op", "apply")]);
+    let batches_before = value(&s, "strait_raft_proposal_batch_size", &[]);
+    assert!(batches_before >= 1.0, "{batches_before} proposals");
     apply(&c, &service("other", "ClusterIP", "app: other"));
     let s = scrape(&control_metrics);
     assert_eq!(
         value(&s, "strait_writes_total", &[("op", "apply")]),
         writes_before + 1.0
     );
+    assert!(value(&s, "strait_raft_proposal_batch_size", &[]) > batches_before);
     assert_eq!(
         http_get(&control_metrics, "/readyz").map(|r| r.0),
         Some(200)
