@@ -127,7 +127,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         node_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         data_dir: args.data_dir.join("node-1"),
         service_cidr: Some(args.service_cidr),
-        capture_routes: false,
         dns_listen,
         dns_upstream,
         ..Default::default()

@@ -35,19 +35,16 @@ pub struct NodeArgs {
     /// Close a proxied connection idle this long, e.g. 1h.
     #[arg(long, env = "STRAIT_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
-    /// The ClusterIP range, made local on this node when --capture-routes.
+    /// The ClusterIP range (the control plane's --service-cidr): made local on this node with a route unless it is already (that needs CAP_NET_ADMIN).
     #[arg(long, env = "STRAIT_SERVICE_CIDR")]
     pub service_cidr: Option<ipnet::IpNet>,
-    /// LoadBalancer ranges (CIDRs, comma-separated), made local when --capture-routes.
+    /// LoadBalancer ranges (CIDRs, comma-separated; the control plane's --lb-pool), made local like --service-cidr.
     #[arg(long, env = "STRAIT_LB_POOL", value_delimiter = ',')]
     pub lb_pool: Vec<ipnet::IpNet>,
     /// Static pods: register the Pod manifests in this directory, bound to
     /// this node; updated when files change, deleted when files go.
     #[arg(long, env = "STRAIT_PODS_DIR", conflicts_with = "config_file")]
     pub pods_dir: Option<PathBuf>,
-    /// Add `local` routes for the service CIDR and LB pool (needs root).
-    #[arg(long, env = "STRAIT_CAPTURE_ROUTES")]
-    pub capture_routes: bool,
     /// Cluster DNS address, UDP and TCP (default: port 53 on --node-ip; `off` disables; port 0 picks one).
     #[arg(long, env = "STRAIT_DNS_LISTEN", value_parser = parse_dns_listen)]
     pub dns_listen: Option<DnsListen>,
@@ -144,7 +141,6 @@ impl NodeArgs {
             idle_timeout: Some(self.idle_timeout),
             service_cidr: self.service_cidr,
             lb_pool: self.lb_pool.clone(),
-            capture_routes: self.capture_routes,
             pods_dir: self.pods_dir.clone(),
             dns_listen,
             cluster_domain: self.cluster_domain.clone(),

@@ -88,7 +88,6 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         idle_timeout = ?cfg.idle_timeout,
         service_cidr = ?cfg.service_cidr,
         lb_pool = ?cfg.lb_pool,
-        capture_routes = cfg.capture_routes,
         dns_listen = ?cfg.dns_listen,
         cluster_domain = %cfg.cluster_domain,
         dns_upstream = ?cfg.dns_upstream,
@@ -112,13 +111,10 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
         None => None,
     };
 
-    let routes = if cfg.capture_routes {
-        Some(RouteCapture::install(
-            cfg.service_cidr.iter().chain(cfg.lb_pool.iter()),
-        )?)
-    } else {
-        None
-    };
+    let routes = Some(RouteCapture::install(
+        cfg.service_cidr.iter().chain(cfg.lb_pool.iter()),
+        &cfg.data_dir,
+    )?);
 
     let state = match state_source(&cfg, &drain, &metrics) {
         Ok(rx) => rx,

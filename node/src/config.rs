@@ -63,13 +63,11 @@ pub struct Config {
     /// Close a forwarded connection after this long without a byte in either
     /// direction; `None`: never.
     pub idle_timeout: Option<Duration>,
-    /// The ClusterIP range, made local with a route when `capture_routes`.
+    /// The ClusterIP range, made local with a route unless it is already
+    /// (needs CAP_NET_ADMIN unless it is in 127.0.0.0/8).
     pub service_cidr: Option<IpNet>,
     /// LoadBalancer address ranges, made local like the service CIDR.
     pub lb_pool: Vec<IpNet>,
-    /// Install `local` routes for `service_cidr` and `lb_pool` (needs
-    /// CAP_NET_ADMIN unless the ranges are in 127.0.0.0/8).
-    pub capture_routes: bool,
     /// At shutdown, how long open connections may keep running after the
     /// listeners closed before they are cut.
     pub drain_timeout: Duration,
@@ -113,7 +111,6 @@ impl Default for Config {
             idle_timeout: Some(Duration::from_secs(3600)),
             service_cidr: None,
             lb_pool: Vec::new(),
-            capture_routes: false,
             drain_timeout: Duration::from_secs(5),
             dns_listen: None,
             cluster_domain: "cluster.local".to_string(),

@@ -10,6 +10,7 @@ pub mod conns;
 pub mod dns;
 pub mod drain;
 pub mod forward;
+pub mod fsutil;
 pub mod health;
 pub mod heartbeat;
 pub mod listeners;

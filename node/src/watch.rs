@@ -122,29 +122,10 @@ pub fn load_persisted(data_dir: &Path) -> Result<Option<NodeState>, WatchError> 
 /// Writes `state` to `data_dir/state.pb` atomically: a reader (the next
 /// start) sees the old file or the new one, never a torn one.
 pub fn persist(data_dir: &Path, state: &NodeState) -> Result<(), WatchError> {
-    use std::io::Write;
     let path = data_dir.join(STATE_FILE);
-    let tmp = data_dir.join(format!("{STATE_FILE}.tmp"));
-    let io_err = |source| WatchError::StateFile {
-        path: path.clone(),
-        source,
-    };
     let bytes = state.to_list_response().encode_to_vec();
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        // Leave no partial temp file behind (a full disk would keep it).
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(e));
-    }
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err)?;
-    Ok(())
+    crate::fsutil::write_atomically(&path, &bytes)
+        .map_err(|source| WatchError::StateFile { path, source })
 }
 
 /// Persists every new synced state, at most once per [`PERSIST_EVERY`], and

@@ -4,6 +4,7 @@
 //! parallel, and waits by polling, never by sleeping.
 
 mod harness;
+mod routes;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
