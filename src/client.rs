@@ -165,6 +165,7 @@ pub fn reason(status: &tonic::Status) -> &'static str {
         Code::AlreadyExists => "AlreadyExists",
         Code::Unavailable => "ServiceUnavailable",
         Code::FailedPrecondition => "Expired",
+        Code::DeadlineExceeded => "Timeout",
         _ => "InternalError",
     }
 }

@@ -80,6 +80,8 @@ impl Writer {
         }
         match self.proposer.propose(cmd).await {
             Ok(resp) => Ok(resp),
+            // Refused before it was appended: nothing happened, so the
+            // caller may retry it with the next leader.
             Err(ProposeError::Write(ClientWriteError::ForwardToLeader(f))) => {
                 Err(Status::unavailable(format!(
                     "not the leader (leader: {})",
@@ -88,7 +90,9 @@ impl Writer {
                         .unwrap_or_else(|| "unknown".into())
                 )))
             }
-            Err(e) => Err(Status::unavailable(format!("write failed: {e}"))),
+            // Appended, then the leader changed or stopped: the entry may
+            // still commit through another leader.
+            Err(e) => Err(outcome_unknown(&e)),
         }
     }
 
@@ -137,19 +141,19 @@ impl Writer {
                         .peers
                         .forward_write(&addr, &cmd)
                         .await
-                        .map_err(|e| Status::unavailable(e.to_string())),
+                        .map_err(forward_failure),
                     None => Err(Status::unavailable("leader address unknown")),
                 },
                 None => Err(Status::unavailable("no leader elected yet")),
             };
             match resp {
                 Ok(r) => return r.0.map_err(status),
-                // No leader or a leader change: wait for the next one. A
-                // forwarded write whose answer was lost may have committed;
-                // retrying it is safe because an apply of the same object is
-                // idempotent ("unchanged"), and a write guarded by
-                // resourceVersion fails with a conflict instead of applying
-                // twice.
+                // `Unavailable` only ever means the write was not appended
+                // (no leader, not the leader, the leader unreachable): wait
+                // for the next leader and try again. A write that may have
+                // been appended is never retried here: a second copy could
+                // land after another client's write and undo it, or answer
+                // a conflict for a write that succeeded.
                 Err(s)
                     if s.code() == tonic::Code::Unavailable
                         && tokio::time::Instant::now() < deadline =>
@@ -161,6 +165,47 @@ impl Writer {
             }
         }
     }
+}
+
+/// The answer for a write that may or may not have been applied: gRPC's
+/// `DEADLINE_EXCEEDED` ("may be returned even if the operation has completed
+/// successfully"), kubectl's `Timeout`.
+fn outcome_unknown(cause: &dyn std::fmt::Display) -> Status {
+    Status::deadline_exceeded(format!(
+        "the leader changed or failed before answering; the write may or may not have been \
+         applied ({cause}); read the object before retrying"
+    ))
+}
+
+/// What a failed forward to the leader means for the write. The leader's own
+/// answer (a status with no transport cause) is passed on as it is; a
+/// connection that could not be made carried nothing, so it is
+/// `Unavailable`; a connection lost after the write went out leaves its
+/// outcome unknown.
+fn forward_failure(e: raft_net::NetError) -> Status {
+    use std::error::Error;
+    match e {
+        raft_net::NetError::Rpc { status, .. } if status.source().is_none() => status,
+        raft_net::NetError::Rpc { addr, status } if never_sent(&status) => Status::unavailable(
+            format!("leader at {addr} unreachable: {}", status.message()),
+        ),
+        e @ raft_net::NetError::Address { .. } => Status::unavailable(e.to_string()),
+        e => outcome_unknown(&e),
+    }
+}
+
+/// Whether a client-side status comes from failing to connect (tonic keeps
+/// the transport error as its source).
+fn never_sent(status: &Status) -> bool {
+    use std::error::Error;
+    let mut cause = status.source();
+    while let Some(c) = cause {
+        if c.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// `Resources` service.
@@ -856,6 +901,58 @@ mod tests {
 
     use super::*;
     use crate::watch::tests::{apply_pod, store};
+
+    fn forward(addr: std::net::SocketAddr) -> impl std::future::Future<Output = Status> {
+        let peers = raft_net::Peers::new(None);
+        let cmd = Command::Delete {
+            kind: "Service".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            resource_version: String::new(),
+            now_unix_nanos: 0,
+            grace_seconds: None,
+        };
+        async move {
+            let e = peers
+                .forward_write(&addr.to_string(), &cmd)
+                .await
+                .expect_err("nothing answers");
+            forward_failure(e)
+        }
+    }
+
+    /// A leader that cannot be reached got nothing: the write is retried.
+    #[tokio::test]
+    async fn a_forward_that_cannot_connect_is_retryable() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let s = forward(addr).await;
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    }
+
+    /// A leader that took the write and went away may have applied it: the
+    /// write is not retried and the caller is told the outcome is unknown.
+    #[tokio::test]
+    async fn a_forward_lost_after_sending_has_an_unknown_outcome() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Reads the request's first bytes, then the "leader" dies.
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf).await;
+        });
+        let s = forward(addr).await;
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
+        assert!(
+            s.message().contains("may or may not have been applied"),
+            "{s:?}"
+        );
+    }
 
     /// A progress tick due while a revision is still queued for the watcher
     /// must not announce that revision as seen (and so skip it). `select!`

@@ -30,7 +30,10 @@ pub fn check(ops: &[Op]) -> Option<String> {
     let mut forward = Vec::new();
     let mut backward = Vec::new();
     for (value, (write, reads)) in &clusters {
-        if reads.is_empty() {
+        // A value nobody read still has its zone when its write was
+        // acknowledged (an acknowledged write that a later read does not see
+        // was lost); a write of unknown outcome may never have happened.
+        if reads.is_empty() && write.is_none_or(|w| w.end == u64::MAX) {
             continue;
         }
         // The initial value behaves as written at time 0.
@@ -99,4 +102,12 @@ fn checker_accepts_and_rejects() {
     assert!(check(&stale).is_some());
     // Concurrent write and reads may go either way.
     assert!(check(&[w(0, 100, 1), r(10, 20, 0), r(30, 40, 1)]).is_none());
+    // An acknowledged write nobody read, then a read of the value before
+    // it: the write was lost (or the read is stale).
+    let lost = [w(0, 10, 1), w(11, 20, 2), r(21, 22, 1)];
+    assert!(check(&lost).is_some());
+    // The same with the second write's outcome unknown: it may not have
+    // happened.
+    let unknown = [w(0, 10, 1), w(11, u64::MAX, 2), r(21, 22, 1)];
+    assert!(check(&unknown).is_none());
 }
