@@ -101,10 +101,10 @@ impl SinceSnapshot {
 pub struct StateMachine {
     shared: Shared,
     alloc: Allocators,
-    dir: PathBuf,
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     current: Option<(SnapshotMeta, Vec<u8>)>,
+    file: SnapshotFile,
     policy: SnapshotPolicy,
     since: SinceSnapshot,
     /// Encoded size of the latest snapshot, set by its builder.
@@ -177,6 +177,56 @@ fn write_snapshot(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<(
     write_atomically(path, &[&snapshot_prefix(meta)?, data])
 }
 
+/// The snapshot file, written by a build (on the blocking pool) and by an
+/// install from the leader (on the state machine's task), which openraft
+/// may run at the same time. One writer at a time, and never backwards: a
+/// build that finishes after a later snapshot was installed leaves the file
+/// alone, since openraft may already have purged the log up to the
+/// installed one and a replica restarting from the older file could not
+/// catch up from its own log.
+#[derive(Clone)]
+struct SnapshotFile {
+    path: PathBuf,
+    /// The last log id of the snapshot in the file.
+    newest: Arc<tokio::sync::Mutex<Option<LogId>>>,
+}
+
+impl SnapshotFile {
+    fn new(path: PathBuf, newest: Option<LogId>) -> Self {
+        Self {
+            path,
+            newest: Arc::new(tokio::sync::Mutex::new(newest)),
+        }
+    }
+
+    /// Writes the snapshot unless the file holds one as new or newer;
+    /// returns whether it wrote. From a blocking thread.
+    fn write_blocking(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<bool> {
+        let mut newest = self.newest.blocking_lock();
+        Self::write_locked(&self.path, &mut newest, meta, data)
+    }
+
+    /// As [`Self::write_blocking`], from the runtime.
+    async fn write(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<bool> {
+        let mut newest = self.newest.lock().await;
+        Self::write_locked(&self.path, &mut newest, meta, data)
+    }
+
+    fn write_locked(
+        path: &Path,
+        newest: &mut Option<LogId>,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> io::Result<bool> {
+        if newest.is_some() && *newest >= meta.last_log_id {
+            return Ok(false);
+        }
+        write_snapshot(path, meta, data)?;
+        *newest = meta.last_log_id;
+        Ok(true)
+    }
+}
+
 fn decode_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMeta, Vec<u8>)> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "snapshot file is truncated");
     let len = bytes.get(..8).ok_or_else(bad)?;
@@ -212,13 +262,17 @@ impl StateMachine {
             Err(e) => return Err(e),
         };
         let snapshot_bytes = current.as_ref().map_or(0, |(_, data)| data.len() as u64);
+        let file = SnapshotFile::new(
+            path,
+            current.as_ref().and_then(|(meta, _)| meta.last_log_id),
+        );
         Ok(Self {
             shared,
             alloc,
-            dir: dir.to_path_buf(),
             last_applied: None,
             last_membership: StoredMembership::default(),
             current,
+            file,
             policy,
             since: SinceSnapshot::default(),
             snapshot_bytes: Arc::new(AtomicU64::new(snapshot_bytes)),
@@ -252,7 +306,7 @@ pub struct SnapshotBuilder {
     objects: Objects,
     revision: u64,
     meta: SnapshotMeta,
-    dir: PathBuf,
+    file: SnapshotFile,
     /// Where the encoded size goes, for the next snapshot's [`SnapshotPolicy`].
     size: Arc<AtomicU64>,
 }
@@ -266,7 +320,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             std::mem::take(&mut self.objects),
             self.revision,
         );
-        let path = self.dir.join(StateMachine::SNAPSHOT_FILE);
+        let file = self.file.clone();
         // Encoding, framing and the fsync'd write of a large state take long
         // enough to stall the runtime's few workers (and every write waiting
         // on them): done on the blocking pool.
@@ -274,12 +328,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let bytes = tokio::task::spawn_blocking(move || {
             let bytes = objects.encode(revision);
             size.store(bytes.len() as u64, Ordering::Relaxed);
-            write_snapshot(&path, &meta, &bytes)?;
-            Ok::<_, io::Error>(bytes)
+            let written = file.write_blocking(&meta, &bytes)?;
+            Ok::<_, io::Error>((bytes, written))
         })
         .await
         .map_err(io::Error::other)??;
-        tracing::info!(last_log_id = ?self.meta.last_log_id, bytes = bytes.len(), "snapshot built");
+        let (bytes, written) = bytes;
+        if written {
+            tracing::info!(last_log_id = ?self.meta.last_log_id, bytes = bytes.len(), "snapshot built");
+        } else {
+            tracing::info!(last_log_id = ?self.meta.last_log_id, "snapshot built, but a later one was installed meanwhile: not written");
+        }
         Ok(Snapshot {
             meta: self.meta.clone(),
             snapshot: Cursor::new(bytes),
@@ -352,7 +411,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 last_log_id: self.last_applied,
                 last_membership: self.last_membership.clone(),
             },
-            dir: self.dir.clone(),
+            file: self.file.clone(),
         }
     }
 
@@ -364,7 +423,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let state =
             State::decode(&bytes, self.alloc.clone()).map_err(|e| io_err("decode snapshot", e))?;
-        write_snapshot(&self.dir.join(Self::SNAPSHOT_FILE), meta, &bytes)?;
+        self.file.write(meta, &bytes).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, revision = state.revision(), "snapshot installed");
         watch::write(&self.shared).replace(state);
         self.snapshot_bytes
@@ -377,7 +436,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        if let Ok(bytes) = std::fs::read(self.dir.join(Self::SNAPSHOT_FILE)) {
+        if let Ok(bytes) = std::fs::read(&self.file.path) {
             self.current = Some(decode_snapshot(&bytes)?);
         }
         Ok(self.current.as_ref().map(|(meta, data)| Snapshot {
@@ -392,7 +451,40 @@ pub type RaftHandle = Arc<Raft>;
 
 #[cfg(test)]
 mod tests {
-    use super::{SinceSnapshot, write_atomically};
+    use super::{
+        LogId, SinceSnapshot, SnapshotFile, SnapshotMeta, decode_snapshot, write_atomically,
+    };
+
+    fn meta(index: u64) -> SnapshotMeta {
+        let id: LogId = openraft::testing::log_id::<super::TypeConfig>(1, 1, index);
+        SnapshotMeta {
+            last_log_id: Some(id),
+            last_membership: Default::default(),
+        }
+    }
+
+    /// A build that finishes after a later snapshot was installed must not
+    /// put the older one back: the log before the installed one may be gone.
+    #[tokio::test]
+    async fn the_snapshot_file_never_goes_back_to_an_older_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot.bin");
+        let file = SnapshotFile::new(path.clone(), None);
+        let in_file = || {
+            let (m, data) = decode_snapshot(&std::fs::read(&path).expect("read")).expect("decode");
+            (m.last_log_id.map(|l| l.index), data)
+        };
+        assert!(file.write(&meta(10), b"ten").await.expect("install"));
+        let late = file.clone();
+        let wrote = tokio::task::spawn_blocking(move || late.write_blocking(&meta(5), b"five"))
+            .await
+            .expect("join")
+            .expect("build");
+        assert!(!wrote);
+        assert_eq!(in_file(), (Some(10), b"ten".to_vec()));
+        assert!(file.write(&meta(11), b"eleven").await.expect("install"));
+        assert_eq!(in_file(), (Some(11), b"eleven".to_vec()));
+    }
 
     #[test]
     fn a_failed_atomic_write_leaves_no_temp_file() {
