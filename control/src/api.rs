@@ -745,16 +745,73 @@ pub struct ClusterApi {
     raft: Arc<Raft>,
     shared: Shared,
     heartbeats: Heartbeats,
+    peers: raft_net::Peers,
 }
 
+/// Marks a membership change one replica passed to the leader, so it is not
+/// passed on again (two replicas that each think the other leads).
+const FORWARDED: &str = "strait-forwarded";
+
 impl ClusterApi {
-    pub fn new(raft: Arc<Raft>, shared: Shared, heartbeats: Heartbeats) -> Self {
+    pub fn new(
+        raft: Arc<Raft>,
+        shared: Shared,
+        heartbeats: Heartbeats,
+        peers: raft_net::Peers,
+    ) -> Self {
         Self {
             raft,
             shared,
             heartbeats,
+            peers,
         }
     }
+
+    /// Only the leader changes the membership: the leader's Cluster service
+    /// when another replica leads (`None` when this one does), refused when
+    /// there is no leader or the request was already passed on once.
+    fn leader<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<
+        Option<strait_proto::v1::cluster_client::ClusterClient<tonic::transport::Channel>>,
+        Status,
+    > {
+        let addr = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow_watched();
+            match m.current_leader {
+                Some(l) if l == m.id => return Ok(None),
+                Some(l) => m
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+                    .ok_or_else(|| Status::unavailable(format!("leader {l}'s address unknown")))?,
+                None => return Err(Status::unavailable("no leader elected yet")),
+            }
+        };
+        if req.metadata().contains_key(FORWARDED) {
+            return Err(Status::unavailable(format!(
+                "not the leader (leader: {addr}), and the request was already forwarded once"
+            )));
+        }
+        let channel = self
+            .peers
+            .channel(&addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Some(strait_proto::v1::cluster_client::ClusterClient::new(
+            channel,
+        )))
+    }
+}
+
+/// `msg` as a request marked as passed on to the leader.
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    req
 }
 
 fn membership_status(e: impl std::fmt::Display) -> Status {
@@ -840,6 +897,9 @@ impl cluster_server::Cluster for ClusterApi {
         req: Request<AddMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
         authz::membership(&Caller::of(&req)?).map_err(|d| d.status("Cluster.AddMember"))?;
+        if let Some(mut leader) = self.leader(&req)? {
+            return leader.add_member(forwarded(req.into_inner())).await;
+        }
         let req = req.into_inner();
         let node = openraft::BasicNode {
             addr: req.address.clone(),
@@ -873,6 +933,9 @@ impl cluster_server::Cluster for ClusterApi {
         req: Request<RemoveMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
         authz::membership(&Caller::of(&req)?).map_err(|d| d.status("Cluster.RemoveMember"))?;
+        if let Some(mut leader) = self.leader(&req)? {
+            return leader.remove_member(forwarded(req.into_inner())).await;
+        }
         let id = req.into_inner().id;
         let mut voters: std::collections::BTreeSet<u64> = self
             .raft

@@ -371,7 +371,12 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
 
     tokio::spawn(run_snapshot_trigger(Arc::downgrade(&raft), snapshot_due));
     let metrics = Arc::new(Metrics::new());
-    let writer = Writer::new(raft.clone(), shared.clone(), peers_net, metrics.clone());
+    let writer = Writer::new(
+        raft.clone(),
+        shared.clone(),
+        peers_net.clone(),
+        metrics.clone(),
+    );
     let (watches_stop, watches_stop_rx) = tokio::sync::watch::channel(false);
     let resources = ResourcesServer::new(
         ResourcesApi::new(
@@ -389,6 +394,7 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         raft.clone(),
         shared.clone(),
         heartbeats.clone(),
+        peers_net,
     ));
     let (duties_stop, duties_stop_rx) = tokio::sync::watch::channel(false);
     let liveness = liveness::spawn(
