@@ -62,6 +62,8 @@ pub struct Route {
     /// Index into `service.ports`.
     pub port: usize,
     pub via: Via,
+    /// The listener's address: where this route's connections come in.
+    pub addr: SocketAddr,
 }
 
 /// Which of a Service's addresses a connection came in on.
@@ -81,10 +83,22 @@ impl Via {
 }
 
 impl Route {
-    /// The endpoints new connections may go to, by Kubernetes' rules.
-    pub fn usable_endpoints<'a>(&'a self, node_name: &str) -> Vec<&'a Endpoint> {
+    /// Whether `client` is this node itself, or one of its Pods, which
+    /// share its network: a connection to one of the node's own addresses
+    /// leaves from that address (or from a loopback one), so it is not an
+    /// outside client.
+    pub fn from_this_node(&self, client: IpAddr) -> bool {
+        client.is_loopback() || client == self.addr.ip()
+    }
+
+    /// The endpoints new connections from `client` may go to, by
+    /// Kubernetes' rules. `externalTrafficPolicy: Local` holds for outside
+    /// clients only: traffic from the node itself to a NodePort or LB IP
+    /// gets Cluster semantics, as kube-proxy gives it (a Pod on a node
+    /// without local endpoints still reaches the Service).
+    pub fn usable_endpoints<'a>(&'a self, node_name: &str, client: IpAddr) -> Vec<&'a Endpoint> {
         let local_only = if self.via.is_external() {
-            self.service.external_local
+            self.service.external_local && !self.from_this_node(client)
         } else {
             self.service.internal_local
         };
@@ -310,9 +324,9 @@ impl Forwarder {
 
     /// Whether new traffic of `route` may still go to `addr` (a UDP flow
     /// checks its endpoint when the Service's endpoints change).
-    pub fn still_usable(&self, route: &Route, addr: SocketAddr) -> bool {
+    pub fn still_usable(&self, route: &Route, client: IpAddr, addr: SocketAddr) -> bool {
         route
-            .usable_endpoints(&self.node_name)
+            .usable_endpoints(&self.node_name, client)
             .iter()
             .any(|e| e.addr == addr)
     }
@@ -329,7 +343,7 @@ impl Forwarder {
     ) -> Option<FlowLease> {
         let pkey = route.port_key();
         let counters = self.metrics.proxy.port(&pkey, || route.port_label());
-        let endpoints = route.usable_endpoints(&self.node_name);
+        let endpoints = route.usable_endpoints(&self.node_name, peer.ip());
         let Some(addr) = self.pick(&pkey, route.service.affinity, &endpoints, avoid, peer.ip())
         else {
             counters.refused.inc();
@@ -360,7 +374,7 @@ impl Forwarder {
     ) -> Result<(TcpStream, Arc<EndpointStats>, Arc<EndpointHandles>), ProxyError> {
         let service = &route.service.key;
         let port = route.port_number();
-        let endpoints = route.usable_endpoints(&self.node_name);
+        let endpoints = route.usable_endpoints(&self.node_name, peer.ip());
         let pkey = route.port_key();
         let counters = self.metrics.proxy.port(&pkey, || route.port_label());
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
@@ -570,8 +584,12 @@ mod tests {
             } else {
                 Via::ClusterIp
             },
+            addr: SocketAddr::from(([192, 0, 2, 10], 30080)),
         }
     }
+
+    /// A client outside the node.
+    const OUTSIDE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
 
     fn addrs(v: Vec<&Endpoint>) -> Vec<u8> {
         v.iter()
@@ -589,7 +607,7 @@ mod tests {
             false,
             false,
         );
-        assert_eq!(addrs(r.usable_endpoints("a")), [1]);
+        assert_eq!(addrs(r.usable_endpoints("a", OUTSIDE)), [1]);
         let r = route(
             vec![
                 ep(1, false, false, true, "a"),
@@ -599,23 +617,33 @@ mod tests {
             false,
             false,
         );
-        assert_eq!(addrs(r.usable_endpoints("a")), [2]);
+        assert_eq!(addrs(r.usable_endpoints("a", OUTSIDE)), [2]);
     }
 
     #[test]
     fn external_local_policy() {
         let eps = vec![ep(1, true, true, false, "a"), ep(2, true, true, false, "b")];
         assert_eq!(
-            addrs(route(eps.clone(), true, true).usable_endpoints("b")),
+            addrs(route(eps.clone(), true, true).usable_endpoints("b", OUTSIDE)),
             [2]
         );
         assert!(
             route(eps.clone(), true, true)
-                .usable_endpoints("c")
+                .usable_endpoints("c", OUTSIDE)
                 .is_empty()
         );
+        // From the node itself (its address, or loopback): Cluster semantics.
+        for me in [IpAddr::from([192, 0, 2, 10]), IpAddr::from([127, 0, 0, 1])] {
+            assert_eq!(
+                addrs(route(eps.clone(), true, true).usable_endpoints("c", me)),
+                [1, 2]
+            );
+        }
         // ClusterIP traffic ignores externalTrafficPolicy.
-        assert_eq!(addrs(route(eps, false, true).usable_endpoints("c")), [1, 2]);
+        assert_eq!(
+            addrs(route(eps, false, true).usable_endpoints("c", OUTSIDE)),
+            [1, 2]
+        );
     }
 
     #[test]

@@ -79,12 +79,13 @@ pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
                 _ => continue,
             };
             let mut add = |addr: SocketAddr, via: Via| {
-                let addr = (proto, addr);
                 let route = Route {
                     service: svc.clone(),
                     port: i,
                     via,
+                    addr,
                 };
+                let addr = (proto, addr);
                 if let Some(other) = table.get(&addr) {
                     warn!(
                         addr = %addr.1,

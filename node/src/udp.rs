@@ -145,7 +145,7 @@ pub async fn serve(
                 false
             } else if Arc::ptr_eq(&f.service, &route.service) {
                 true
-            } else if forwarder.still_usable(&route, f.endpoint) {
+            } else if forwarder.still_usable(&route, client.ip(), f.endpoint) {
                 f.service = route.service.clone();
                 true
             } else {
