@@ -51,10 +51,6 @@ pub struct DevArgs {
     /// LoadBalancer address pool.
     #[arg(long, default_value = "127.200.0.0/24")]
     pub lb_pool: String,
-    /// Port the demo frontend Pods listen on (the examples target port 80,
-    /// which needs root; without it the frontend demo is skipped).
-    #[arg(long, default_value_t = 80)]
-    pub frontend_port: u16,
     /// Cluster DNS of the node agent (`off` disables it).
     #[arg(long, default_value = "127.0.0.1:5353")]
     pub dns_listen: String,
@@ -168,8 +164,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!(" {file}");
         apply_all(&mut client, text).await?;
     }
-    // Demo frontend Pods for the NodePort and LoadBalancer examples.
-    let fport = args.frontend_port;
+    // Demo frontend Pods for the NodePort and LoadBalancer examples, on the
+    // examples' targetPort 80, which only root (or CAP_NET_BIND_SERVICE, or
+    // a lowered net.ipv4.ip_unprivileged_port_start) may listen on.
+    let fport = 80;
     let mut frontends = Vec::new();
     for (i, ip) in ["127.0.1.1", "127.0.1.2"].iter().enumerate() {
         let addr: SocketAddr = format!("{ip}:{fport}").parse()?;
@@ -183,7 +181,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 fport,
             )),
             Err(e) => {
-                println!("  (frontend demo skipped: {e:#}; run as root or pass --frontend-port)")
+                println!(
+                    "  (frontend demo skipped: {e:#}; the examples' targetPort is 80, so run as \
+                     root for the NodePort and LoadBalancer paths)"
+                );
+                break;
             }
         }
     }
@@ -231,8 +233,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  curl http://{}:9090/      # ClusterIP backend-svc, balanced over backend-1 and backend-2",
         ip("backend-svc")
     );
-    println!("  curl http://127.0.0.1:31000/    # NodePort frontend-svc");
-    println!("  curl http://{lb}:8080/     # LoadBalancer web-lb");
+    let none = if frontends.is_empty() {
+        " (no endpoints without root: refused)"
+    } else {
+        ""
+    };
+    println!("  curl http://127.0.0.1:31000/    # NodePort frontend-svc{none}");
+    println!("  curl http://{lb}:8080/     # LoadBalancer web-lb{none}");
     if let Some(dns) = agent.dns_addr() {
         println!(
             "  dig @{} -p {} backend-svc.default.svc.cluster.local   # cluster DNS",
