@@ -4,6 +4,7 @@
 
 mod fake_control;
 mod helpers;
+mod policies;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
