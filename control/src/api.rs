@@ -581,7 +581,8 @@ impl resources_server::Resources for ResourcesApi {
             self.shared.clone(),
             self.metrics.clone(),
             self.stopping.clone(),
-        );
+        )
+        .with_contact(raft_contact(self.raft.clone()));
         Ok(Response::new(Box::pin(watcher.into_stream())))
     }
 }
@@ -599,6 +600,40 @@ fn shutting_down(revision: u64) -> Status {
     Status::unavailable(format!(
         "control replica shutting down; resume from revision {revision} on another replica"
     ))
+}
+
+/// Whether this replica still hears from a leader (`Err` says why not): a
+/// replica cut off from the others keeps serving its state, which no longer
+/// moves, so its watchers should resume on another replica.
+pub type Contact = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// How long a leader may go without hearing from a quorum before its
+/// watchers are sent elsewhere (openraft's leader lease is far shorter).
+const QUORUM_SILENCE: Duration = Duration::from_secs(3);
+
+/// The [`Contact`] of a Raft replica: a follower or candidate that knows no
+/// leader is cut off; so is a leader of several voters that has not heard
+/// from a quorum for [`QUORUM_SILENCE`].
+pub fn raft_contact(raft: Arc<Raft>) -> Contact {
+    use openraft::Instant as _;
+    Arc::new(move || {
+        let rx = raft.metrics();
+        let m = rx.borrow_watched();
+        match m.current_leader {
+            None => Err("this replica has no leader".into()),
+            Some(l) if l == m.id => {
+                let alone = m.membership_config.membership().voter_ids().count() <= 1;
+                match &m.last_quorum_acked {
+                    Some(at) if !alone && at.elapsed() > QUORUM_SILENCE => Err(format!(
+                        "this replica leads but has not heard from a quorum for {:?}",
+                        at.elapsed()
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Some(_) => Ok(()),
+        }
+    })
 }
 
 /// One watcher's stream: initial state or backlog, then live revisions, each
@@ -619,6 +654,10 @@ struct Watcher {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// A lagged watcher gets its error, then the stream ends.
     ended: bool,
+    /// Checked at each progress tick; out of contact at two ticks in a row
+    /// ends the watch (one could be a moment of election).
+    contact: Contact,
+    out_of_contact: bool,
     _open: WatcherGuard,
 }
 
@@ -656,7 +695,15 @@ impl Watcher {
             metrics,
             stopping,
             ended: false,
+            contact: Arc::new(|| Ok(())),
+            out_of_contact: false,
         }
+    }
+
+    /// Ends the watch when `contact` fails at two progress ticks in a row.
+    fn with_contact(mut self, contact: Contact) -> Self {
+        self.contact = contact;
+        self
     }
 
     fn into_stream(self) -> impl Stream<Item = Result<WatchFrame, Status>> + Send {
@@ -704,6 +751,18 @@ impl Watcher {
                         if resp.revision() <= self.last && !resp.initial() {
                             continue;
                         }
+                        if resp.initial() && resp.revision() < self.last {
+                            // A snapshot from the leader put this replica
+                            // behind what the client already has: its full
+                            // state would take the client back in time.
+                            self.ended = true;
+                            return Some(Err(Status::unavailable(format!(
+                                "this replica is at revision {}, behind the watch; resume from \
+                                 revision {} on another replica",
+                                resp.revision(),
+                                self.last
+                            ))));
+                        }
                         self.last = resp.revision();
                         if let Some(frame) = self.frame(&resp) {
                             self.metrics.delivered(resp.commit_time_unix_nanos());
@@ -720,6 +779,18 @@ impl Watcher {
                     Err(RecvError::Closed) => return None,
                 },
                 _ = self.progress.tick() => {
+                    match (self.contact)() {
+                        Ok(()) => self.out_of_contact = false,
+                        Err(why) if self.out_of_contact => {
+                            self.ended = true;
+                            return Some(Err(Status::unavailable(format!(
+                                "{why}, so its state may be stale; resume from revision {} on \
+                                 another replica",
+                                self.last
+                            ))));
+                        }
+                        Err(_) => self.out_of_contact = true,
+                    }
                     // Revisions with nothing of interest: say so. Only when
                     // none is still queued for this watcher: publishing
                     // holds the write lock, so under the read lock an empty
@@ -1069,6 +1140,80 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(status.message().contains("revision 1"), "{status:?}");
         assert!(then_closed);
+    }
+
+    /// A replica out of contact with the leader at two progress ticks in a
+    /// row ends its watches with Unavailable; one tick is forgiven.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_cut_off_from_the_leader_sends_its_watchers_elsewhere() {
+        let shared: Shared = Arc::new(RwLock::new(store(100)));
+        apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
+        let start = watch::read(&shared).subscribe(0).expect("subscribe");
+        let (_keep, stopping) = tokio::sync::watch::channel(false);
+        let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = cut_off.clone();
+        let mut w = Watcher::new(
+            start,
+            0,
+            vec![Kind::Pod],
+            shared,
+            Arc::new(Metrics::new()),
+            stopping,
+        )
+        .with_contact(Arc::new(move || {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                Err("this replica has no leader".into())
+            } else {
+                Ok(())
+            }
+        }));
+        w.next().await.expect("open").expect("initial state");
+        // Out of contact once, back, out again: bookmarks all along.
+        for out in [true, false, true] {
+            cut_off.store(out, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::advance(PROGRESS_EVERY).await;
+            let frame = w.next().await.expect("open").expect("a bookmark");
+            assert_eq!(frame.events(), 0);
+        }
+        // Out at a second tick in a row: the watch ends.
+        tokio::time::advance(PROGRESS_EVERY).await;
+        let status = w.next().await.expect("an answer").expect_err("an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("no leader") && status.message().contains("revision 1"),
+            "{status:?}"
+        );
+        assert!(w.next().await.is_none());
+    }
+
+    /// A watch resumed from revision 5 on a replica that then installs a
+    /// snapshot at revision 3 is sent elsewhere, not taken back in time by
+    /// the snapshot's full state.
+    #[tokio::test]
+    async fn a_snapshot_behind_the_watch_sends_it_elsewhere() {
+        let shared: Shared = Arc::new(RwLock::new(store(100)));
+        apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
+        let start = watch::read(&shared).subscribe(5).expect("subscribe");
+        let (_keep, stopping) = tokio::sync::watch::channel(false);
+        let mut w = Watcher::new(
+            start,
+            5,
+            vec![Kind::Pod],
+            shared.clone(),
+            Arc::new(Metrics::new()),
+            stopping,
+        );
+        let mut leader = store(100);
+        for (i, ip) in ["10.0.0.1", "10.0.0.2", "10.0.0.3"].iter().enumerate() {
+            apply_pod(&mut leader, i as u64 + 1, ip);
+        }
+        watch::write(&shared).replace(leader.state().clone());
+        let status = w.next().await.expect("an answer").expect_err("an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("at revision 3") && status.message().contains("revision 5"),
+            "{status:?}"
+        );
     }
 
     /// A watch resumed from revision 2 on a replica that has applied only

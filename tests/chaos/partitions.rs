@@ -66,3 +66,85 @@ async fn partitions_keep_one_leader_per_term_and_heal() {
         &checked,
     );
 }
+
+/// A watcher on a replica cut off from the others is sent elsewhere: the
+/// replica's state no longer moves, so after two progress ticks without a
+/// leader it ends the watch with Unavailable and the client resumes on
+/// another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_on_an_isolated_replica_is_sent_elsewhere() {
+    use futures::StreamExt;
+    use strait_proto::v1::WatchRequest;
+    use strait_proto::v1::resources_client::ResourcesClient;
+
+    let c = Cluster::start(13, 3, &[]).await;
+    let ids = [1, 2, 3];
+    let leader = c.wait_leader().await;
+    let watched = *ids.iter().find(|i| **i != leader).expect("follower");
+    let ch = channel(&c.replicas[&watched].real.to_string())
+        .await
+        .expect("channel");
+    let mut w = ResourcesClient::new(ch)
+        .watch(WatchRequest {
+            kinds: vec!["Service".into()],
+            revision: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = w.next().await.expect("initial").expect("ok");
+    assert!(first.initial);
+    // The leader, idle but in touch with a quorum, keeps its watch: two
+    // progress ticks go by (each would have ended it, had it been cut off).
+    let ch = channel(&c.replicas[&leader].real.to_string())
+        .await
+        .expect("channel");
+    let mut on_leader = ResourcesClient::new(ch)
+        .watch(WatchRequest {
+            kinds: vec!["Service".into()],
+            revision: 0,
+        })
+        .await
+        .expect("watch the leader")
+        .into_inner();
+    let leader_watch = tokio::spawn(async move {
+        for _ in 0..3 {
+            match on_leader.next().await {
+                Some(Ok(_)) => {}
+                other => return Err(format!("{other:?}")),
+            }
+        }
+        Ok(())
+    });
+
+    c.faults.isolate(&[watched], &ids);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let status = loop {
+        let next = tokio::time::timeout_at(deadline, w.next())
+            .await
+            .expect("the isolated replica to end the watch");
+        match next {
+            Some(Ok(bookmark)) => {
+                assert!(bookmark.events.is_empty(), "changes from a cut-off replica");
+            }
+            Some(Err(status)) => break status,
+            None => panic!("the watch ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("no leader") && status.message().contains("another replica"),
+        "{status:?}"
+    );
+    tokio::time::timeout(DEADLINE, leader_watch)
+        .await
+        .expect("the leader's bookmarks")
+        .expect("task")
+        .expect("the leader kept its watch");
+    c.faults.heal();
+    report::row(
+        "watch on an isolated replica",
+        "a follower cut off from the others while a client watches it",
+        "the watch ends with Unavailable (resume elsewhere)",
+    );
+}
