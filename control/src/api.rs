@@ -1065,6 +1065,30 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
     }
 
+    /// A leader whose traffic vanishes (it accepts the connection, then
+    /// never answers) does not hold a follower's call for long.
+    #[tokio::test]
+    async fn a_silent_leader_fails_the_call_after_its_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.expect("accept");
+            std::future::pending::<()>().await;
+            drop(conn);
+        });
+        let err = raft_net::Peers::new(None)
+            .read_index(&addr.to_string())
+            .await
+            .expect_err("nothing answers");
+        assert!(
+            matches!(err, raft_net::NetError::Timeout { .. }),
+            "{err}"
+        );
+        held.abort();
+    }
+
     /// A leader that took the write and went away may have applied it: the
     /// write is not retried and the caller is told the outcome is unknown.
     #[tokio::test]

@@ -56,6 +56,33 @@ pub enum NetError {
     /// A payload that does not (de)serialize.
     #[error("bad raft payload: {0}")]
     Codec(#[from] postcard::Error),
+    /// The peer did not answer in time (a leader whose traffic is dropped
+    /// would otherwise hold the call until HTTP/2 keepalive gives up).
+    #[error("{addr} did not answer within {after:?}")]
+    Timeout { addr: String, after: Duration },
+}
+
+/// How long a follower waits for the leader's read index.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a follower waits for the leader's answer to a forwarded write:
+/// the writer's own retry budget.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `call` bounded by `after`.
+async fn bounded<T>(
+    addr: &str,
+    after: Duration,
+    call: impl Future<Output = Result<T, NetError>>,
+) -> Result<T, NetError> {
+    tokio::time::timeout(after, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(NetError::Timeout {
+                addr: addr.into(),
+                after,
+            })
+        })
 }
 
 /// One lazily connected channel per peer address, shared by Raft
@@ -114,14 +141,17 @@ impl Peers {
     /// Asks the leader at `addr` for a read index (see `Raft.ReadIndex`).
     pub async fn read_index(&self, addr: &str) -> Result<u64, NetError> {
         let mut client = RaftClient::new(self.channel(addr)?);
-        let resp = client
-            .read_index(RaftPayload::default())
-            .await
-            .map_err(|status| NetError::Rpc {
-                addr: addr.into(),
-                status,
-            })?;
-        Ok(decode(resp.get_ref())?)
+        bounded(addr, READ_INDEX_TIMEOUT, async {
+            let resp = client
+                .read_index(RaftPayload::default())
+                .await
+                .map_err(|status| NetError::Rpc {
+                    addr: addr.into(),
+                    status,
+                })?;
+            Ok(decode(resp.get_ref())?)
+        })
+        .await
     }
 
     /// Sends a write to the leader on behalf of a follower.
@@ -131,14 +161,18 @@ impl Peers {
         cmd: &Command,
     ) -> Result<crate::raft::Response, NetError> {
         let mut client = RaftClient::new(self.channel(addr)?);
-        let resp = client
-            .forward_write(encode(cmd)?)
-            .await
-            .map_err(|status| NetError::Rpc {
-                addr: addr.into(),
-                status,
-            })?;
-        Ok(decode(resp.get_ref())?)
+        let payload = encode(cmd)?;
+        bounded(addr, FORWARD_TIMEOUT, async {
+            let resp = client
+                .forward_write(payload)
+                .await
+                .map_err(|status| NetError::Rpc {
+                    addr: addr.into(),
+                    status,
+                })?;
+            Ok(decode(resp.get_ref())?)
+        })
+        .await
     }
 }
 

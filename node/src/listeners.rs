@@ -174,6 +174,10 @@ pub fn spawn(
     Ok(Listeners { bound })
 }
 
+/// How often the forwarder's bookkeeping (expired ClientIP affinity, stats
+/// of endpoints gone) is swept between state changes.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 struct Reconciler {
     node_ip: IpAddr,
     forwarder: Arc<Forwarder>,
@@ -198,20 +202,33 @@ impl Reconciler {
         }
         // A static source drops its sender after the one state it has.
         let mut source_open = true;
-        loop {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'states: loop {
             let snapshot = self.state.borrow_and_update().clone();
             self.reconcile(&snapshot).await;
-            let retry = async {
-                if self.failed.is_empty() {
-                    std::future::pending::<()>().await
-                } else {
-                    tokio::time::sleep(BIND_RETRY).await
+            loop {
+                let retry = async {
+                    if self.failed.is_empty() {
+                        std::future::pending::<()>().await
+                    } else {
+                        tokio::time::sleep(BIND_RETRY).await
+                    }
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => break 'states,
+                    r = self.state.changed(), if source_open => {
+                        source_open = r.is_ok();
+                        break;
+                    }
+                    _ = retry => break,
+                    // Expired affinity entries go even when the state
+                    // stays put (many client addresses would pile up).
+                    _ = sweep.tick() => {
+                        let state = self.state.borrow().clone();
+                        self.forwarder.gc(&state);
+                    }
                 }
-            };
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                r = self.state.changed(), if source_open => source_open = r.is_ok(),
-                _ = retry => {}
             }
         }
         for (_, (token, _)) in self.active.drain() {
