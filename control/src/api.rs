@@ -1082,10 +1082,7 @@ mod tests {
             .read_index(&addr.to_string())
             .await
             .expect_err("nothing answers");
-        assert!(
-            matches!(err, raft_net::NetError::Timeout { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, raft_net::NetError::Timeout { .. }), "{err}");
         held.abort();
     }
 

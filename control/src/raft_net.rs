@@ -75,14 +75,12 @@ async fn bounded<T>(
     after: Duration,
     call: impl Future<Output = Result<T, NetError>>,
 ) -> Result<T, NetError> {
-    tokio::time::timeout(after, call)
-        .await
-        .unwrap_or_else(|_| {
-            Err(NetError::Timeout {
-                addr: addr.into(),
-                after,
-            })
+    tokio::time::timeout(after, call).await.unwrap_or_else(|_| {
+        Err(NetError::Timeout {
+            addr: addr.into(),
+            after,
         })
+    })
 }
 
 /// One lazily connected channel per peer address, shared by Raft
