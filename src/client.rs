@@ -111,28 +111,147 @@ impl Client {
         let transport = self.tls.cli_transport()?;
         let mut last = None;
         for s in &self.servers {
-            let ep = strait_proto::tls::endpoint(s)
-                .with_context(|| format!("invalid server address {s:?}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(30));
-            match transport.connect(ep).await {
+            match connect(&transport, s).await {
                 Ok(ch) => return Ok(ch),
-                Err(e) => last = Some(anyhow!("{s}: {}", error_chain(&e))),
+                Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| anyhow!("no server given")))
-            .context("cannot reach any control-plane replica (set --server or STRAIT_SERVER)")
+        Err(unreachable(last))
     }
 
-    pub async fn resources(&self) -> anyhow::Result<ResourcesClient<Channel>> {
-        Ok(ResourcesClient::new(self.channel().await?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    /// A run of Resources calls that moves between replicas; see [`Session`].
+    pub fn session(&self) -> anyhow::Result<Session<'_>> {
+        Ok(Session {
+            client: self,
+            transport: self.tls.cli_transport()?,
+            current: None,
+        })
     }
 
     pub async fn cluster(&self) -> anyhow::Result<ClusterClient<Channel>> {
         Ok(ClusterClient::new(self.channel().await?))
     }
+}
+
+async fn connect(transport: &Transport, server: &str) -> anyhow::Result<Channel> {
+    let ep = strait_proto::tls::endpoint(server)
+        .with_context(|| format!("invalid server address {server:?}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30));
+    transport
+        .connect(ep)
+        .await
+        .map_err(|e| anyhow!("{server}: {}", error_chain(&e)))
+}
+
+fn unreachable(last: Option<anyhow::Error>) -> anyhow::Error {
+    last.unwrap_or_else(|| anyhow!("no server given"))
+        .context("cannot reach any control-plane replica (set --server or STRAIT_SERVER)")
+}
+
+fn resources_client(ch: Channel) -> ResourcesClient<Channel> {
+    ResourcesClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A run of calls to the Resources service. It stays with the replica that
+/// answers and moves to the next (in `--server` order, each tried once per
+/// call) when one cannot be reached or answers `UNAVAILABLE`, the control
+/// plane's answer for what it did not do: no leader, cut off from the
+/// leader, shutting down. A connection that broke after a call went out is
+/// a reason to move on only for a read; a write may have been applied.
+pub struct Session<'a> {
+    client: &'a Client,
+    transport: Transport,
+    current: Option<(usize, ResourcesClient<Channel>)>,
+}
+
+impl Session<'_> {
+    /// A call that changes nothing, so may be sent again anywhere.
+    pub async fn read<T, F, Fut>(&mut self, call: F) -> anyhow::Result<Result<T, tonic::Status>>
+    where
+        F: FnMut(ResourcesClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call(true, call).await
+    }
+
+    /// A call that changes state: sent again only where it surely was not
+    /// carried out.
+    pub async fn write<T, F, Fut>(&mut self, call: F) -> anyhow::Result<Result<T, tonic::Status>>
+    where
+        F: FnMut(ResourcesClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call(false, call).await
+    }
+
+    /// `Err` when no replica could be reached; `Ok(Err)` is a replica's
+    /// answer (the last one's, when every replica said `UNAVAILABLE`).
+    async fn call<T, F, Fut>(
+        &mut self,
+        idempotent: bool,
+        mut call: F,
+    ) -> anyhow::Result<Result<T, tonic::Status>>
+    where
+        F: FnMut(ResourcesClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let servers = &self.client.servers;
+        let first = self.current.as_ref().map_or(0, |(i, _)| *i);
+        let (mut answer, mut unreached) = (None, None);
+        for k in 0..servers.len() {
+            let i = (first + k) % servers.len();
+            let rpc = match &self.current {
+                Some((j, rpc)) if *j == i => rpc.clone(),
+                _ => match connect(&self.transport, &servers[i]).await {
+                    Ok(ch) => {
+                        let rpc = resources_client(ch);
+                        self.current = Some((i, rpc.clone()));
+                        rpc
+                    }
+                    Err(e) => {
+                        unreached = Some(e);
+                        continue;
+                    }
+                },
+            };
+            match call(rpc).await {
+                Ok(resp) => return Ok(Ok(resp.into_inner())),
+                Err(status) if try_elsewhere(&status, idempotent) => {
+                    self.current = None;
+                    answer = Some(status);
+                }
+                Err(status) => return Ok(Err(status)),
+            }
+        }
+        match answer {
+            Some(status) => Ok(Err(status)),
+            None => Err(unreachable(unreached)),
+        }
+    }
+}
+
+/// Whether a failed call may be sent to another replica: the replica's own
+/// `UNAVAILABLE` (a status with no transport cause), a connection that
+/// could not be made, or any broken connection for a read.
+fn try_elsewhere(status: &tonic::Status, idempotent: bool) -> bool {
+    use std::error::Error;
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut cause = status.source();
+    if cause.is_none() || idempotent {
+        return true;
+    }
+    while let Some(c) = cause {
+        if c.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An error and its causes on one line (tonic's top level says only

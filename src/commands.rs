@@ -102,7 +102,7 @@ fn reference(o: &Object) -> String {
 pub async fn apply(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
     let sources = read_sources(files)?;
     let mut failures = 0;
-    let mut rpc = None;
+    let mut session = client.session()?;
     for (source, text) in sources {
         let objects = match strait_proto::manifest::parse(&text) {
             Ok(o) => o,
@@ -113,13 +113,15 @@ pub async fn apply(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
             }
         };
         for o in objects {
-            if rpc.is_none() {
-                rpc = Some(client.resources().await?);
-            }
-            let Some(r) = rpc.as_mut() else { continue };
             let what = reference(&o);
-            match r.apply(ApplyRequest { object: Some(o) }).await {
-                Ok(resp) => println!("{what} {}", resp.into_inner().result),
+            let answer = session
+                .write(|mut rpc| {
+                    let object = Some(o.clone());
+                    async move { rpc.apply(ApplyRequest { object }).await }
+                })
+                .await?;
+            match answer {
+                Ok(resp) => println!("{what} {}", resp.result),
                 Err(status) => {
                     eprintln!(
                         "{}",
@@ -161,35 +163,46 @@ pub async fn get(
     consistency: ConsistencyArg,
 ) -> anyhow::Result<()> {
     let kind = parse_kind(kind)?;
-    let mut rpc = client.resources().await?;
+    let mut session = client.session()?;
     let ns = if all {
         String::new()
     } else {
         namespace_for(kind, namespace)
     };
+    let consistency: i32 = consistency.into();
     let items: Vec<Object> = match name {
         Some(n) => {
-            let resp = rpc
-                .get(GetRequest {
-                    kind: kind.to_string(),
-                    namespace: ns.clone(),
-                    name: n.to_string(),
-                    consistency: consistency.into(),
-                })
-                .await
-                .map_err(server_error)?;
-            resp.into_inner().object.into_iter().collect()
-        }
-        None => {
-            rpc.list(ListRequest {
+            let req = GetRequest {
                 kind: kind.to_string(),
                 namespace: ns.clone(),
-                consistency: consistency.into(),
-            })
-            .await
-            .map_err(server_error)?
-            .into_inner()
-            .items
+                name: n.to_string(),
+                consistency,
+            };
+            session
+                .read(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.get(req).await }
+                })
+                .await?
+                .map_err(server_error)?
+                .object
+                .into_iter()
+                .collect()
+        }
+        None => {
+            let req = ListRequest {
+                kind: kind.to_string(),
+                namespace: ns.clone(),
+                consistency,
+            };
+            session
+                .read(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.list(req).await }
+                })
+                .await?
+                .map_err(server_error)?
+                .items
         }
     };
     match format {
@@ -259,30 +272,36 @@ pub async fn describe(
 ) -> anyhow::Result<()> {
     let kind = parse_kind(kind)?;
     let ns = namespace_for(kind, namespace);
-    let mut rpc = client.resources().await?;
-    let o = rpc
-        .get(GetRequest {
-            kind: kind.to_string(),
-            namespace: ns.clone(),
-            name: name.to_string(),
-            consistency: 0,
+    let mut session = client.session()?;
+    let req = GetRequest {
+        kind: kind.to_string(),
+        namespace: ns.clone(),
+        name: name.to_string(),
+        consistency: 0,
+    };
+    let o = session
+        .read(|mut rpc| {
+            let req = req.clone();
+            async move { rpc.get(req).await }
         })
-        .await
+        .await?
         .map_err(server_error)?
-        .into_inner()
         .object
         .ok_or_else(|| anyhow!("server returned no object"))?;
     match &o.kind {
         Some(object::Kind::Service(s)) => {
-            let slices: Vec<Object> = rpc
-                .list(ListRequest {
-                    kind: "EndpointSlice".into(),
-                    namespace: ns,
-                    consistency: 0,
+            let req = ListRequest {
+                kind: "EndpointSlice".into(),
+                namespace: ns,
+                consistency: 0,
+            };
+            let slices: Vec<Object> = session
+                .read(|mut rpc| {
+                    let req = req.clone();
+                    async move { rpc.list(req).await }
                 })
-                .await
+                .await?
                 .map_err(server_error)?
-                .into_inner()
                 .items
                 .into_iter()
                 .filter(|e| {
@@ -333,19 +352,23 @@ pub async fn delete(
         let k = parse_kind(kind)?;
         targets.push((k, namespace_for(k, namespace), name.to_string()));
     }
-    let mut rpc = client.resources().await?;
+    let mut session = client.session()?;
     let mut failures = 0;
     for (kind, ns, name) in targets {
-        match rpc
-            .delete(DeleteRequest {
-                kind: kind.to_string(),
-                namespace: ns,
-                name: name.clone(),
-                resource_version: String::new(),
-                grace_period_seconds: grace_period,
+        let req = DeleteRequest {
+            kind: kind.to_string(),
+            namespace: ns,
+            name: name.clone(),
+            resource_version: String::new(),
+            grace_period_seconds: grace_period,
+        };
+        let answer = session
+            .write(|mut rpc| {
+                let req = req.clone();
+                async move { rpc.delete(req).await }
             })
-            .await
-        {
+            .await?;
+        match answer {
             Ok(_) => println!("{} {name:?} deleted", kind.resource()),
             Err(status) => {
                 eprintln!("{}", server_error(status));
