@@ -41,6 +41,11 @@ pub struct NodeArgs {
     /// LoadBalancer ranges (CIDRs, comma-separated; the control plane's --lb-pool), made local like --service-cidr.
     #[arg(long, env = "STRAIT_LB_POOL", value_delimiter = ',')]
     pub lb_pool: Vec<ipnet::IpNet>,
+    /// NodePorts also listen on every address of this machine's interfaces
+    /// inside these ranges (CIDRs, comma-separated; kube-proxy's flag), read
+    /// at startup. Default: --node-ip only.
+    #[arg(long, env = "STRAIT_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<ipnet::IpNet>,
     /// Static pods: register the Pod manifests in this directory, bound to
     /// this node; updated when files change, deleted when files go.
     #[arg(long, env = "STRAIT_PODS_DIR", conflicts_with = "config_file")]
@@ -141,6 +146,7 @@ impl NodeArgs {
             idle_timeout: Some(self.idle_timeout),
             service_cidr: self.service_cidr,
             lb_pool: self.lb_pool.clone(),
+            nodeport_addresses: self.nodeport_addresses.clone(),
             pods_dir: self.pods_dir.clone(),
             dns_listen,
             cluster_domain: self.cluster_domain.clone(),

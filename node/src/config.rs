@@ -68,6 +68,9 @@ pub struct Config {
     pub service_cidr: Option<IpNet>,
     /// LoadBalancer address ranges, made local like the service CIDR.
     pub lb_pool: Vec<IpNet>,
+    /// NodePorts listen on `node_ip` and on every address of this machine's
+    /// interfaces inside these ranges (kube-proxy's `--nodeport-addresses`).
+    pub nodeport_addresses: Vec<IpNet>,
     /// At shutdown, how long open connections may keep running after the
     /// listeners closed before they are cut.
     pub drain_timeout: Duration,
@@ -111,6 +114,7 @@ impl Default for Config {
             idle_timeout: Some(Duration::from_secs(3600)),
             service_cidr: None,
             lb_pool: Vec::new(),
+            nodeport_addresses: Vec::new(),
             drain_timeout: Duration::from_secs(5),
             dns_listen: None,
             cluster_domain: "cluster.local".to_string(),

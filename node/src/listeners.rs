@@ -64,9 +64,9 @@ pub enum ListenError {
 
 /// The addresses a state asks this node to listen on: every TCP and UDP
 /// port of every Service with a ClusterIP; NodePort and LoadBalancer
-/// Services also on `node_ip:nodePort`; LoadBalancer Services on each
-/// ingress IP.
-pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
+/// Services also on each of `node_port_ips` (the node's addresses that take
+/// NodePorts); LoadBalancer Services on each ingress IP.
+pub fn route_table(state: &NodeState, node_port_ips: &[IpAddr]) -> RouteTable {
     let mut table = RouteTable::new();
     for svc in state.services() {
         let Some(cluster_ip) = svc.cluster_ip else {
@@ -102,7 +102,9 @@ pub fn route_table(state: &NodeState, node_ip: IpAddr) -> RouteTable {
             if svc.has_node_ports()
                 && let Some(np) = port.node_port
             {
-                add(SocketAddr::new(node_ip, np), Via::NodePort);
+                for ip in node_port_ips {
+                    add(SocketAddr::new(*ip, np), Via::NodePort);
+                }
             }
             for ip in &svc.lb_ips {
                 add(SocketAddr::new(*ip, port.port), Via::LoadBalancer);
@@ -158,8 +160,12 @@ pub fn spawn(
             () = tracker.wait() => {}
         }
     });
+    let node_port_ips = node_port_ips(cfg.node_ip, &cfg.nodeport_addresses)?;
+    if node_port_ips.len() > 1 {
+        info!(addresses = ?node_port_ips, "NodePorts listen on these addresses");
+    }
     let r = Reconciler {
-        node_ip: cfg.node_ip,
+        node_port_ips,
         forwarder,
         metrics,
         state,
@@ -178,8 +184,24 @@ pub fn spawn(
 /// of endpoints gone) is swept between state changes.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
+/// `node_ip`, then every interface address inside `ranges`.
+fn node_port_ips(node_ip: IpAddr, ranges: &[ipnet::IpNet]) -> io::Result<Vec<IpAddr>> {
+    let mut ips = vec![node_ip];
+    if ranges.is_empty() {
+        return Ok(ips);
+    }
+    for iface in if_addrs::get_if_addrs()? {
+        let ip = iface.ip();
+        if ranges.iter().any(|r| r.contains(&ip)) && !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
+}
+
 struct Reconciler {
-    node_ip: IpAddr,
+    /// The node's addresses that take NodePorts, `--node-ip` first.
+    node_port_ips: Vec<IpAddr>,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
     state: watch::Receiver<Arc<NodeState>>,
@@ -237,7 +259,7 @@ impl Reconciler {
     }
 
     async fn reconcile(&mut self, state: &NodeState) {
-        let table = Arc::new(route_table(state, self.node_ip));
+        let table = Arc::new(route_table(state, &self.node_port_ips));
         // Publish routes first: a listener kept across the change serves the
         // new endpoints from its next accept on.
         self.routes_tx.send_replace(table.clone());

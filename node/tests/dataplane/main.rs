@@ -328,6 +328,37 @@ async fn node_ports_lb_ips_and_external_traffic_policy() {
     agent.shutdown().await;
 }
 
+/// `--nodeport-addresses`: a NodePort listens on `--node-ip` and on every
+/// interface address inside the ranges (here 127.0.0.1, the address of
+/// `lo`, for 127.0.0.0/8; the node IP is another loopback address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ports_listen_on_every_address_in_nodeport_addresses() {
+    let backend = Echo::start().await;
+    let node_port = dead_port().await.port();
+    let yaml = lb_service(
+        "np",
+        "127.77.0.20",
+        node_port,
+        "127.77.0.21",
+        "Cluster",
+        backend.addr,
+        "test-node",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = Config {
+        node_ip: "127.77.2.1".parse().expect("ip"),
+        nodeport_addresses: vec!["127.0.0.0/8".parse().expect("cidr")],
+        ..static_config(dir.path(), &yaml)
+    };
+    let agent = strait_node::build(cfg).await.expect("build");
+    for ip in ["127.77.2.1", "127.0.0.1"] {
+        let a: SocketAddr = format!("{ip}:{node_port}").parse().expect("addr");
+        wait_bound(|| agent.listeners(), a).await;
+        connect_echo(a).await;
+    }
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_connections_finish_then_cuts_the_rest() {
     let backend = Echo::start().await;
