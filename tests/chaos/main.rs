@@ -19,6 +19,7 @@ mod report;
 
 mod control_plane_outage;
 mod disk_full;
+mod five_replicas;
 mod graceful_leader_stop;
 mod kill_leader;
 mod node_and_backend_kills;
