@@ -48,7 +48,8 @@ pub enum Proto {
 pub type ListenKey = (Proto, SocketAddr);
 
 /// Listener addresses and where each leads.
-pub type RouteTable = BTreeMap<ListenKey, Route>;
+/// Shared routes: a connection's task holds an `Arc` (8 bytes), not a copy.
+pub type RouteTable = BTreeMap<ListenKey, Arc<Route>>;
 
 /// Errors binding a listener.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +96,7 @@ pub fn route_table(state: &NodeState, node_port_ips: &[IpAddr]) -> RouteTable {
                         "address claimed by two services, keeping the first"
                     );
                 } else {
-                    table.insert(addr, route);
+                    table.insert(addr, Arc::new(route));
                 }
             };
             add(SocketAddr::new(cluster_ip, port.port), Via::ClusterIp);
@@ -451,7 +452,7 @@ fn serve(
     forwarder: Arc<Forwarder>,
     stream: TcpStream,
     peer: SocketAddr,
-    route: Route,
+    route: Arc<Route>,
 ) -> impl Future<Output = ()> {
     async move {
         let start = Instant::now();
