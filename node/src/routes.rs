@@ -117,7 +117,7 @@ impl RouteCapture {
         match ip(&[
             "route", "replace", "local", &s, "dev", "lo", "table", "local",
         ]) {
-            Ok(()) => {
+            Ok(_) => {
                 info!(%cidr, "route capture installed");
                 self.installed.push(*cidr);
                 // Recorded at once: a kill right after must not orphan it.
@@ -150,7 +150,7 @@ impl RouteCapture {
         self.installed.retain(|c| *c != cidr);
         let s = cidr.to_string();
         match ip(&["route", "del", "local", &s, "dev", "lo", "table", "local"]) {
-            Ok(()) => info!(%cidr, "route capture removed"),
+            Ok(_) => info!(%cidr, "route capture removed"),
             Err(e) => warn!(%cidr, error = %e, "cannot remove route capture"),
         }
     }
@@ -189,21 +189,8 @@ fn read_record(path: &Path) -> Vec<IpNet> {
 fn local_routes() -> Result<Vec<IpNet>, RouteError> {
     let mut routes = Vec::new();
     for family in ["-4", "-6"] {
-        let args = [family, "route", "show", "table", "local", "type", "local"];
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|source| RouteError::Spawn {
-                args: args.join(" "),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(RouteError::Failed {
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        routes.extend(parse_local_routes(&String::from_utf8_lossy(&out.stdout)));
+        let out = ip(&[family, "route", "show", "table", "local", "type", "local"])?;
+        routes.extend(parse_local_routes(&out));
     }
     Ok(routes)
 }
@@ -223,7 +210,8 @@ fn parse_local_routes(text: &str) -> Vec<IpNet> {
         .collect()
 }
 
-fn ip(args: &[&str]) -> Result<(), RouteError> {
+/// Runs `ip` with `args`; its standard output when it succeeds.
+fn ip(args: &[&str]) -> Result<String, RouteError> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -232,7 +220,7 @@ fn ip(args: &[&str]) -> Result<(), RouteError> {
             source,
         })?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(RouteError::Failed {
             args: args.join(" "),
