@@ -380,6 +380,23 @@ pub async fn list_local(addr: &str) -> Option<(u64, Vec<Object>)> {
     Some((r.revision, r.items))
 }
 
+/// A watch of Services on the replica at `addr` from `revision` (0: the
+/// full state first); panics when the replica cannot be reached.
+pub async fn watch_services(
+    addr: &str,
+    revision: u64,
+) -> tonic::Streaming<strait_proto::v1::WatchResponse> {
+    let ch = channel(addr).await.expect("channel");
+    ResourcesClient::new(ch)
+        .watch(strait_proto::v1::WatchRequest {
+            kinds: vec!["Service".into()],
+            revision,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
 pub async fn channel(addr: &str) -> Option<Channel> {
     Endpoint::from_shared(format!("http://{addr}"))
         .ok()?

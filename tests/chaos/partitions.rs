@@ -74,39 +74,17 @@ async fn partitions_keep_one_leader_per_term_and_heal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_watch_on_an_isolated_replica_is_sent_elsewhere() {
     use futures::StreamExt;
-    use strait_proto::v1::WatchRequest;
-    use strait_proto::v1::resources_client::ResourcesClient;
 
     let c = Cluster::start(13, 3, &[]).await;
     let ids = [1, 2, 3];
     let leader = c.wait_leader().await;
     let watched = *ids.iter().find(|i| **i != leader).expect("follower");
-    let ch = channel(&c.replicas[&watched].real.to_string())
-        .await
-        .expect("channel");
-    let mut w = ResourcesClient::new(ch)
-        .watch(WatchRequest {
-            kinds: vec!["Service".into()],
-            revision: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut w = watch_services(&c.replicas[&watched].real.to_string(), 0).await;
     let first = w.next().await.expect("initial").expect("ok");
     assert!(first.initial);
     // The leader, idle but in touch with a quorum, keeps its watch: two
     // progress ticks go by (each would have ended it, had it been cut off).
-    let ch = channel(&c.replicas[&leader].real.to_string())
-        .await
-        .expect("channel");
-    let mut on_leader = ResourcesClient::new(ch)
-        .watch(WatchRequest {
-            kinds: vec!["Service".into()],
-            revision: 0,
-        })
-        .await
-        .expect("watch the leader")
-        .into_inner();
+    let mut on_leader = watch_services(&c.replicas[&leader].real.to_string(), 0).await;
     let leader_watch = tokio::spawn(async move {
         for _ in 0..3 {
             match on_leader.next().await {

@@ -9,8 +9,6 @@ use crate::report;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
     use futures::StreamExt;
-    use strait_proto::v1::WatchRequest;
-    use strait_proto::v1::resources_client::ResourcesClient;
 
     let mut c = Cluster::start(5, 3, &[]).await;
     let leader = c.wait_leader().await;
@@ -23,17 +21,7 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
     let mut acked = BTreeSet::new();
     let mut seen = Vec::new();
 
-    let ch = channel(&c.replicas[&watched].real.to_string())
-        .await
-        .expect("channel");
-    let mut w = ResourcesClient::new(ch)
-        .watch(WatchRequest {
-            kinds: vec!["Service".into()],
-            revision: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut w = watch_services(&c.replicas[&watched].real.to_string(), 0).await;
     let first = w.next().await.expect("initial").expect("ok");
     assert!(first.initial);
     let mut last = first.revision;
@@ -48,17 +36,7 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
     // The watched replica dies; resume on another from the last revision.
     c.kill(watched);
     write(&mut client, 10..20, &mut acked).await;
-    let ch = channel(&c.replicas[&other].real.to_string())
-        .await
-        .expect("channel");
-    let mut w = ResourcesClient::new(ch)
-        .watch(WatchRequest {
-            kinds: vec!["Service".into()],
-            revision: last,
-        })
-        .await
-        .expect("resume")
-        .into_inner();
+    let mut w = watch_services(&c.replicas[&other].real.to_string(), last).await;
     follow(
         &mut w,
         *acked.iter().max().expect("acked"),
