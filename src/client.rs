@@ -238,20 +238,8 @@ impl Session<'_> {
 /// could not be made, or any broken connection for a read.
 fn try_elsewhere(status: &tonic::Status, idempotent: bool) -> bool {
     use std::error::Error;
-    if status.code() != tonic::Code::Unavailable {
-        return false;
-    }
-    let mut cause = status.source();
-    if cause.is_none() || idempotent {
-        return true;
-    }
-    while let Some(c) = cause {
-        if c.downcast_ref::<tonic::ConnectError>().is_some() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    status.code() == tonic::Code::Unavailable
+        && (status.source().is_none() || idempotent || strait_proto::tls::connect_failed(status))
 }
 
 /// An error and its causes on one line (tonic's top level says only

@@ -186,26 +186,15 @@ fn forward_failure(e: raft_net::NetError) -> Status {
     use std::error::Error;
     match e {
         raft_net::NetError::Rpc { status, .. } if status.source().is_none() => status,
-        raft_net::NetError::Rpc { addr, status } if never_sent(&status) => Status::unavailable(
-            format!("leader at {addr} unreachable: {}", status.message()),
-        ),
+        raft_net::NetError::Rpc { addr, status } if strait_proto::tls::connect_failed(&status) => {
+            Status::unavailable(format!(
+                "leader at {addr} unreachable: {}",
+                status.message()
+            ))
+        }
         e @ raft_net::NetError::Address { .. } => Status::unavailable(e.to_string()),
         e => outcome_unknown(&e),
     }
-}
-
-/// Whether a client-side status comes from failing to connect (tonic keeps
-/// the transport error as its source).
-fn never_sent(status: &Status) -> bool {
-    use std::error::Error;
-    let mut cause = status.source();
-    while let Some(c) = cause {
-        if c.downcast_ref::<tonic::ConnectError>().is_some() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
 }
 
 /// `Resources` service.

@@ -684,6 +684,21 @@ async fn dial_one(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<TcpS
     Ok(stream)
 }
 
+/// Whether a client-side status comes from a connection that could not be
+/// made (tonic keeps the transport error as its source): the request never
+/// left, so it may be sent elsewhere whatever it was.
+pub fn connect_failed(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    let mut cause = status.source();
+    while let Some(c) = cause {
+        if c.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

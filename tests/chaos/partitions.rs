@@ -41,6 +41,13 @@ async fn partitions_keep_one_leader_per_term_and_heal() {
     );
     c.faults.heal();
     c.caught_up().await;
+    // Appended only on the isolated side, it is gone once that side took
+    // the majority's log.
+    let (_, objects) = list_local(&isolated).await.expect("list the old leader");
+    assert!(
+        objects.iter().all(|o| o.name() != "isolated-write"),
+        "a write only the isolated minority took survived the heal"
+    );
 
     // A minority follower: the rest keep accepting writes.
     let leader = c.wait_leader().await;
