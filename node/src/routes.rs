@@ -107,11 +107,6 @@ impl RouteCapture {
         Ok(capture)
     }
 
-    /// The ranges this agent made local and will remove at shutdown.
-    pub fn installed(&self) -> &[IpNet] {
-        &self.installed
-    }
-
     fn add(&mut self, cidr: &IpNet) -> Result<(), RouteError> {
         let s = cidr.to_string();
         match ip(&[
