@@ -1025,6 +1025,22 @@ mod tests {
     use super::*;
     use crate::watch::tests::{apply_pod, store};
 
+    /// A Pod watcher on `shared` for a client current to `from`, on a
+    /// replica that is not shutting down (with no sender left, `stopping`
+    /// never turns true).
+    fn pod_watcher(shared: &Shared, from: u64) -> Watcher {
+        let start = watch::read(shared).subscribe(from).expect("subscribe");
+        let (_, stopping) = tokio::sync::watch::channel(false);
+        Watcher::new(
+            start,
+            from,
+            vec![Kind::Pod],
+            shared.clone(),
+            Arc::new(Metrics::new()),
+            stopping,
+        )
+    }
+
     fn forward(addr: std::net::SocketAddr) -> impl std::future::Future<Output = Status> {
         let peers = raft_net::Peers::new(None);
         let cmd = Command::Delete {
@@ -1105,10 +1121,7 @@ mod tests {
     async fn a_progress_bookmark_never_skips_a_queued_revision() {
         for round in 0..32 {
             let shared: Shared = Arc::new(RwLock::new(store(100)));
-            let start = watch::read(&shared).subscribe(0).expect("subscribe");
-            let metrics = Arc::new(Metrics::new());
-            let (_keep, stopping) = tokio::sync::watch::channel(false);
-            let mut w = Watcher::new(start, 0, vec![Kind::Pod], shared.clone(), metrics, stopping);
+            let mut w = pod_watcher(&shared, 0);
             let initial = w.next().await.expect("open").expect("initial state");
             assert_eq!(initial.events(), 0);
             apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
@@ -1158,19 +1171,9 @@ mod tests {
     async fn a_replica_cut_off_from_the_leader_sends_its_watchers_elsewhere() {
         let shared: Shared = Arc::new(RwLock::new(store(100)));
         apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
-        let start = watch::read(&shared).subscribe(0).expect("subscribe");
-        let (_keep, stopping) = tokio::sync::watch::channel(false);
         let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let flag = cut_off.clone();
-        let mut w = Watcher::new(
-            start,
-            0,
-            vec![Kind::Pod],
-            shared,
-            Arc::new(Metrics::new()),
-            stopping,
-        )
-        .with_contact(Arc::new(move || {
+        let mut w = pod_watcher(&shared, 0).with_contact(Arc::new(move || {
             if flag.load(std::sync::atomic::Ordering::SeqCst) {
                 Err("this replica has no leader".into())
             } else {
@@ -1203,16 +1206,7 @@ mod tests {
     async fn a_snapshot_behind_the_watch_sends_it_elsewhere() {
         let shared: Shared = Arc::new(RwLock::new(store(100)));
         apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
-        let start = watch::read(&shared).subscribe(5).expect("subscribe");
-        let (_keep, stopping) = tokio::sync::watch::channel(false);
-        let mut w = Watcher::new(
-            start,
-            5,
-            vec![Kind::Pod],
-            shared.clone(),
-            Arc::new(Metrics::new()),
-            stopping,
-        );
+        let mut w = pod_watcher(&shared, 5);
         let mut leader = store(100);
         for (i, ip) in ["10.0.0.1", "10.0.0.2", "10.0.0.3"].iter().enumerate() {
             apply_pod(&mut leader, i as u64 + 1, ip);
@@ -1232,16 +1226,7 @@ mod tests {
     async fn resuming_on_a_replica_behind_skips_what_the_client_has() {
         let shared: Shared = Arc::new(RwLock::new(store(100)));
         apply_pod(&mut watch::write(&shared), 1, "10.0.0.1");
-        let start = watch::read(&shared).subscribe(2).expect("subscribe");
-        let (_keep, stopping) = tokio::sync::watch::channel(false);
-        let mut w = Watcher::new(
-            start,
-            2,
-            vec![Kind::Pod],
-            shared.clone(),
-            Arc::new(Metrics::new()),
-            stopping,
-        );
+        let mut w = pod_watcher(&shared, 2);
         apply_pod(&mut watch::write(&shared), 2, "10.0.0.2");
         apply_pod(&mut watch::write(&shared), 3, "10.0.0.3");
         let frame = w.next().await.expect("open").expect("frame");

@@ -69,18 +69,23 @@ const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
 /// the writer's own retry budget.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `call` bounded by `after`.
-async fn bounded<T>(
+/// One RPC to `addr`, bounded by `after`, its reply decoded.
+async fn call<T: DeserializeOwned>(
     addr: &str,
     after: Duration,
-    call: impl Future<Output = Result<T, NetError>>,
+    rpc: impl Future<Output = Result<tonic::Response<RaftPayload>, Status>>,
 ) -> Result<T, NetError> {
-    tokio::time::timeout(after, call).await.unwrap_or_else(|_| {
-        Err(NetError::Timeout {
+    let resp = tokio::time::timeout(after, rpc)
+        .await
+        .map_err(|_| NetError::Timeout {
             addr: addr.into(),
             after,
-        })
-    })
+        })?
+        .map_err(|status| NetError::Rpc {
+            addr: addr.into(),
+            status,
+        })?;
+    Ok(decode(resp.get_ref())?)
 }
 
 /// One lazily connected channel per peer address, shared by Raft
@@ -139,16 +144,11 @@ impl Peers {
     /// Asks the leader at `addr` for a read index (see `Raft.ReadIndex`).
     pub async fn read_index(&self, addr: &str) -> Result<u64, NetError> {
         let mut client = RaftClient::new(self.channel(addr)?);
-        bounded(addr, READ_INDEX_TIMEOUT, async {
-            let resp = client
-                .read_index(RaftPayload::default())
-                .await
-                .map_err(|status| NetError::Rpc {
-                    addr: addr.into(),
-                    status,
-                })?;
-            Ok(decode(resp.get_ref())?)
-        })
+        call(
+            addr,
+            READ_INDEX_TIMEOUT,
+            client.read_index(RaftPayload::default()),
+        )
         .await
     }
 
@@ -160,17 +160,7 @@ impl Peers {
     ) -> Result<crate::raft::Response, NetError> {
         let mut client = RaftClient::new(self.channel(addr)?);
         let payload = encode(cmd)?;
-        bounded(addr, FORWARD_TIMEOUT, async {
-            let resp = client
-                .forward_write(payload)
-                .await
-                .map_err(|status| NetError::Rpc {
-                    addr: addr.into(),
-                    status,
-                })?;
-            Ok(decode(resp.get_ref())?)
-        })
-        .await
+        call(addr, FORWARD_TIMEOUT, client.forward_write(payload)).await
     }
 }
 
