@@ -115,7 +115,7 @@ impl Writer {
 
     async fn write_inner(&self, cmd: Command) -> Result<Outcome, Status> {
         let span = tracing::Span::current();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + WRITE_DEADLINE;
         loop {
             // Who leads and where, read in place: cloning the whole
             // metrics (membership, replication map) per write is not free.
@@ -135,7 +135,24 @@ impl Writer {
                 span.record("strait.forwarded", leader != id);
             }
             let resp = match leader {
-                Some(leader) if leader == id => self.write_local(cmd.clone()).await,
+                Some(leader) if leader == id => {
+                    if let Some(silent) = leader_cut_off(&self.raft) {
+                        // Not proposed: another replica may do better, and
+                        // this one will not learn of a new leader while cut
+                        // off, so waiting here would only use up the client's
+                        // time.
+                        return Err(Status::unavailable(format!(
+                            "this replica leads but has not heard from a quorum for {silent:?}; \
+                             the write was not proposed: send it to another replica"
+                        )));
+                    }
+                    match tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await {
+                        Ok(r) => r,
+                        Err(_) => Err(outcome_unknown(&format_args!(
+                            "not committed within {WRITE_DEADLINE:?}"
+                        ))),
+                    }
+                }
                 Some(_) => match leader_addr {
                     Some(addr) => self
                         .peers
@@ -166,6 +183,10 @@ impl Writer {
         }
     }
 }
+
+/// How long a write may wait for a leader and for its commit before the
+/// client is answered.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The answer for a write that may or may not have been applied: gRPC's
 /// `DEADLINE_EXCEEDED` ("may be returned even if the operation has completed
@@ -277,12 +298,21 @@ impl ResourcesApi {
             Status::unavailable(format!("linearizable read failed: {e}"))
         };
         if leader == Some(me) {
-            return self
+            if let Some(silent) = leader_cut_off(&self.raft) {
+                return Err(unavailable(&format_args!(
+                    "this replica leads but has not heard from a quorum for {silent:?}"
+                )));
+            }
+            let confirmed = self
                 .raft
-                .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-                .await
-                .map(|_| ())
-                .map_err(|e| unavailable(&e));
+                .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+            return match tokio::time::timeout(raft_net::READ_INDEX_TIMEOUT, confirmed).await {
+                Ok(r) => r.map(|_| ()).map_err(|e| unavailable(&e)),
+                Err(_) => Err(unavailable(&format_args!(
+                    "no quorum confirmed this replica's leadership within {:?}",
+                    raft_net::READ_INDEX_TIMEOUT
+                ))),
+            };
         }
         // A follower asks the leader for the commit index to catch up to
         // (the read-index protocol), then serves from its own state.
@@ -596,33 +626,42 @@ fn shutting_down(revision: u64) -> Status {
 /// moves, so its watchers should resume on another replica.
 pub type Contact = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// How long a leader may go without hearing from a quorum before its
-/// watchers are sent elsewhere (openraft's leader lease is far shorter).
+/// How long a leader may go without hearing from a quorum before it is taken
+/// as cut off (openraft's leader lease is far shorter).
 const QUORUM_SILENCE: Duration = Duration::from_secs(3);
 
 /// The [`Contact`] of a Raft replica: a follower or candidate that knows no
 /// leader is cut off; so is a leader of several voters that has not heard
 /// from a quorum for [`QUORUM_SILENCE`].
 pub fn raft_contact(raft: Arc<Raft>) -> Contact {
-    use openraft::Instant as _;
     Arc::new(move || {
-        let rx = raft.metrics();
-        let m = rx.borrow_watched();
-        match m.current_leader {
-            None => Err("this replica has no leader".into()),
-            Some(l) if l == m.id => {
-                let alone = m.membership_config.membership().voter_ids().count() <= 1;
-                match &m.last_quorum_acked {
-                    Some(at) if !alone && at.elapsed() > QUORUM_SILENCE => Err(format!(
-                        "this replica leads but has not heard from a quorum for {:?}",
-                        at.elapsed()
-                    )),
-                    _ => Ok(()),
-                }
-            }
-            Some(_) => Ok(()),
+        if raft.metrics().borrow_watched().current_leader.is_none() {
+            return Err("this replica has no leader".into());
+        }
+        match leader_cut_off(&raft) {
+            Some(silent) => Err(format!(
+                "this replica leads but has not heard from a quorum for {silent:?}"
+            )),
+            None => Ok(()),
         }
     })
+}
+
+/// How long this replica has led without hearing from a quorum, once that is
+/// over [`QUORUM_SILENCE`]. `None` for a follower, a lone voter, a leader in
+/// touch, and a new leader not yet acknowledged. A leader cut off from the
+/// others never learns that they elected another, so it refuses new writes
+/// and linearizable reads instead of holding them until they time out, and
+/// sends its watchers elsewhere (the role etcd's check-quorum plays).
+fn leader_cut_off(raft: &Raft) -> Option<Duration> {
+    use openraft::Instant as _;
+    let rx = raft.metrics();
+    let m = rx.borrow_watched();
+    if m.current_leader != Some(m.id) || m.membership_config.membership().voter_ids().count() <= 1 {
+        return None;
+    }
+    let silent = m.last_quorum_acked.as_ref()?.elapsed();
+    (silent > QUORUM_SILENCE).then_some(silent)
 }
 
 /// One watcher's stream: initial state or backlog, then live revisions, each

@@ -62,8 +62,9 @@ pub enum NetError {
     Timeout { addr: String, after: Duration },
 }
 
-/// How long a follower waits for the leader's read index.
-const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read waits for its read index: from the leader, on a follower;
+/// from a quorum confirming the leadership, on the leader.
+pub(crate) const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a follower waits for the leader's answer to a forwarded write:
 /// the writer's own retry budget.

@@ -1,12 +1,51 @@
 //! Partitions through the fault-injecting proxies: the leader alone (the
 //! majority elects another, the isolated one neither commits nor serves a
-//! linearizable read), a minority follower, and one direction only.
+//! linearizable read), a minority follower, and one direction only; cut
+//! with resets and, for the leader, silently (packets dropped).
 
 use std::time::Duration;
 
+use strait_proto::v1::resources_client::ResourcesClient;
+use strait_proto::v1::{ApplyRequest, GetRequest};
+
 use crate::harness::*;
 use crate::load::{Load, more_writes};
+use crate::proxy::Cut;
 use crate::report;
+
+/// Runs the CLI's `apply` and `get` with replica `first` listed before
+/// `then`: both must succeed, so the CLI moved past `first`.
+fn cli_moves_past(c: &Cluster, first: u64, then: u64, name: &str) {
+    let servers = format!("{},{}", c.replicas[&first].real, c.replicas[&then].real);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
+            .env("STRAIT_SERVER", &servers)
+            .args(args)
+            .output()
+            .expect("run strait")
+    };
+    let manifest = std::env::temp_dir().join(format!("strait-{name}-{}.yaml", std::process::id()));
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: None\n  ports: [{{port: 80}}]\n"
+        ),
+    )
+    .expect("manifest");
+    let out = cli(&["apply", "-f", manifest.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&manifest);
+    assert!(
+        out.status.success(),
+        "apply with replica {first} first: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["get", "svc", name]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(name),
+        "get with replica {first} first: {out:?}"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_keep_one_leader_per_term_and_heal() {
@@ -74,6 +113,96 @@ async fn partitions_keep_one_leader_per_term_and_heal() {
     );
 }
 
+/// A leader behind a silent partition (nothing reset, nothing answered):
+/// the majority elects another, which the cut-off leader cannot learn. Once
+/// it has heard from no quorum for 3 s it refuses writes (not proposed) and
+/// linearizable reads as Unavailable, instead of holding them until the
+/// client gives up, so clients move on: the CLI given it first applies and
+/// reads through the next replica. Healed, it rejoins, and every
+/// acknowledged write is everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_behind_a_silent_partition_sends_clients_elsewhere() {
+    let c = Cluster::start(16, 3, &[]).await;
+    let ids = [1, 2, 3];
+    let load = Load::start(&c, "q");
+    more_writes(&load, &c, 10).await;
+    let old = c.wait_leader().await;
+    c.faults.cut_off(&[old], &ids, Cut::Silent);
+    eventually("a leader on the majority side", || async {
+        load.observe(&c).await;
+        c.statuses()
+            .await
+            .iter()
+            .find(|(id, v)| v.0 == "leader" && **id != old)
+            .map(|_| ())
+    })
+    .await;
+    more_writes(&load, &c, 10).await;
+
+    // Straight to the cut-off leader, with a client timeout far longer than
+    // the server's own bounds, so every answer here is the server's.
+    let isolated = c.replicas[&old].real.to_string();
+    let patient = Duration::from_secs(60);
+    let mut direct = ResourcesClient::new(channel(&isolated).await.expect("connect"));
+    eventually(
+        "the cut-off leader to refuse a read for want of a quorum",
+        || {
+            let mut direct = direct.clone();
+            async move {
+                let mut req = tonic::Request::new(GetRequest {
+                    kind: "Service".into(),
+                    namespace: "default".into(),
+                    name: "reg".into(),
+                    consistency: 0,
+                });
+                req.set_timeout(patient);
+                match direct.get(req).await {
+                    Err(s)
+                        if s.code() == tonic::Code::Unavailable
+                            && s.message().contains("not heard from a quorum") =>
+                    {
+                        Some(())
+                    }
+                    // Before the 3 s mark: its read index found no quorum in 5 s.
+                    Err(s) if s.code() == tonic::Code::Unavailable => None,
+                    other => panic!("a linearizable read on the cut-off leader: {other:?}"),
+                }
+            }
+        },
+    )
+    .await;
+    let mut req = tonic::Request::new(ApplyRequest {
+        object: Some(service("isolated-write", 1)),
+    });
+    req.set_timeout(patient);
+    let refused = direct
+        .apply(req)
+        .await
+        .expect_err("a cut-off leader took a write");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("not proposed"), "{refused:?}");
+    let other = *ids.iter().find(|i| **i != old).expect("other");
+    cli_moves_past(&c, old, other, "past-silent-leader");
+
+    c.faults.heal();
+    c.caught_up().await;
+    let (_, objects) = list_local(&isolated).await.expect("list the old leader");
+    assert!(
+        objects.iter().all(|o| o.name() != "isolated-write"),
+        "a write the cut-off leader refused is stored"
+    );
+    let done = load.finish().await;
+    let objects = c.converged().await;
+    let checked = done.check(&objects);
+    report::row(
+        "silent partition",
+        "the leader cut off by dropped packets (no resets), then healed",
+        &format!(
+            "the cut-off leader refuses reads and writes as Unavailable after 3 s without a quorum; the CLI moves on; {checked}"
+        ),
+    );
+}
+
 /// A watcher on a replica cut off from the others is sent elsewhere: the
 /// replica's state no longer moves, so after two progress ticks without a
 /// leader it ends the watch with Unavailable and the client resumes on
@@ -127,33 +256,7 @@ async fn a_watch_on_an_isolated_replica_is_sent_elsewhere() {
         .iter()
         .find(|i| **i != watched && **i != leader)
         .expect("other");
-    let servers = format!("{},{}", c.replicas[&watched].real, c.replicas[&other].real);
-    let cli = |args: &[&str]| {
-        std::process::Command::new(BIN)
-            .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
-            .env("STRAIT_SERVER", &servers)
-            .args(args)
-            .output()
-            .expect("run strait")
-    };
-    let manifest = std::env::temp_dir().join(format!("strait-moved-{}.yaml", std::process::id()));
-    std::fs::write(
-        &manifest,
-        "apiVersion: v1\nkind: Service\nmetadata: {name: moved}\nspec:\n  clusterIP: None\n  ports: [{port: 80}]\n",
-    )
-    .expect("manifest");
-    let out = cli(&["apply", "-f", manifest.to_str().expect("utf-8")]);
-    let _ = std::fs::remove_file(&manifest);
-    assert!(
-        out.status.success(),
-        "apply through the isolated replica first: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cli(&["get", "svc", "moved"]);
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("moved"),
-        "get through the isolated replica first: {out:?}"
-    );
+    cli_moves_past(&c, watched, other, "moved");
     tokio::time::timeout(DEADLINE, leader_watch)
         .await
         .expect("the leader's bookmarks")
