@@ -290,9 +290,12 @@ impl Prober {
             loop {
                 let msg = tokio::select! {
                     _ = stop.cancelled() => return,
-                    m = stream.next() => m,
+                    m = tokio::time::timeout(crate::watch::WATCH_SILENCE, stream.next()) => m,
                 };
-                let Some(Ok(resp)) = msg else { break };
+                let Ok(Some(Ok(resp))) = msg else {
+                    debug!(control = %addr, "pod watch ended or went silent; moving on");
+                    break;
+                };
                 {
                     let mut map = pods.lock().await;
                     if resp.initial {

@@ -34,6 +34,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a watch stream may carry nothing before its replica is taken as
+/// gone and the next one tried. Every replica sends progress at least every
+/// 5 s, so this is four missed in a row: a replica whose packets are dropped
+/// (its machine powered off, a silent partition) fails no call and resets
+/// no connection, and without this bound the agent would wait on it forever
+/// while the Services change elsewhere.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(20);
 /// At most one state write per this interval; the latest state always wins.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
@@ -84,6 +91,9 @@ pub enum WatchError {
     /// The stream ended.
     #[error("watch on {addr}: stream closed by the server")]
     Closed { addr: String },
+    /// The stream carried nothing, not even progress, for too long.
+    #[error("watch on {addr}: nothing received for {after:?}")]
+    Silent { addr: String, after: Duration },
     /// The stream carried a change that cannot be applied.
     #[error("watch on {addr}: {source}")]
     State {
@@ -292,7 +302,13 @@ impl Watcher {
         info!(%addr, revision = resume.unwrap_or(0), "watching the control plane");
         tokio::spawn(register(client, addr.clone(), self.registration.clone()));
         loop {
-            let Some(resp) = stream.message().await.map_err(rpc)? else {
+            let next = tokio::time::timeout(WATCH_SILENCE, stream.message())
+                .await
+                .map_err(|_| WatchError::Silent {
+                    addr: addr.clone(),
+                    after: WATCH_SILENCE,
+                })?;
+            let Some(resp) = next.map_err(rpc)? else {
                 return Err(WatchError::Closed { addr: addr.clone() });
             };
             *progressed = true;

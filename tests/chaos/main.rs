@@ -28,4 +28,5 @@ mod replace_member;
 mod restart_all;
 mod rolling_restart;
 mod sigstop_leader;
+mod silent_replica;
 mod watch_failover;
