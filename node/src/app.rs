@@ -170,7 +170,7 @@ pub async fn build(cfg: Config) -> Result<Bound, AppError> {
     };
     service_health::spawn(
         cfg.name.clone(),
-        cfg.node_ip,
+        listeners.node_port_ips().to_vec(),
         state.clone(),
         &drain,
         metrics.clone(),

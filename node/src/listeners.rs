@@ -119,9 +119,16 @@ pub fn route_table(state: &NodeState, node_port_ips: &[IpAddr]) -> RouteTable {
 #[derive(Debug, Clone)]
 pub struct Listeners {
     bound: watch::Receiver<Arc<BTreeSet<ListenKey>>>,
+    node_port_ips: Vec<IpAddr>,
 }
 
 impl Listeners {
+    /// The addresses NodePorts listen on: `--node-ip`, then the interface
+    /// addresses inside `--nodeport-addresses`, as read at startup.
+    pub fn node_port_ips(&self) -> &[IpAddr] {
+        &self.node_port_ips
+    }
+
     /// The addresses with a TCP listener right now.
     pub fn bound(&self) -> Vec<SocketAddr> {
         self.bound
@@ -166,7 +173,7 @@ pub fn spawn(
         info!(addresses = ?node_port_ips, "NodePorts listen on these addresses");
     }
     let r = Reconciler {
-        node_port_ips,
+        node_port_ips: node_port_ips.clone(),
         forwarder,
         metrics,
         state,
@@ -178,7 +185,10 @@ pub fn spawn(
         failed: HashSet::new(),
     };
     drain.tracker().spawn(r.run());
-    Ok(Listeners { bound })
+    Ok(Listeners {
+        bound,
+        node_port_ips,
+    })
 }
 
 /// How often the forwarder's bookkeeping (expired ClientIP affinity, stats

@@ -1,8 +1,9 @@
 //! kube-proxy's service health checks: a LoadBalancer Service with
 //! `externalTrafficPolicy: Local` gets an HTTP server on
-//! `node_ip:healthCheckNodePort` that answers 200 while this node has a
-//! ready endpoint of the Service and 503 otherwise, so an external load
-//! balancer only sends traffic to nodes that can serve it locally.
+//! `healthCheckNodePort` of every address its NodePorts listen on, which
+//! answers 200 while this node has a ready endpoint of the Service and 503
+//! otherwise, so an external load balancer only sends traffic to nodes that
+//! can serve it locally.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -34,18 +35,19 @@ pub fn wanted(state: &NodeState) -> BTreeMap<u16, ServiceKey> {
         .collect()
 }
 
-/// Starts keeping one health-check server per wanted port on `node_ip`,
-/// reconciled to every new state, until `drain` stops.
+/// Starts keeping one health-check server per wanted port on each of
+/// `ips` (the NodePort addresses), reconciled to every new state, until
+/// `drain` stops.
 pub fn spawn(
     node_name: String,
-    node_ip: IpAddr,
+    ips: Vec<IpAddr>,
     state: watch::Receiver<Arc<NodeState>>,
     drain: &Drain,
     metrics: Arc<Metrics>,
 ) {
     let r = Reconciler {
         node_name: Arc::from(node_name),
-        node_ip,
+        ips,
         state,
         metrics,
         drain: drain.clone(),
@@ -57,11 +59,12 @@ pub fn spawn(
 
 struct Reconciler {
     node_name: Arc<str>,
-    node_ip: IpAddr,
+    ips: Vec<IpAddr>,
     state: watch::Receiver<Arc<NodeState>>,
     metrics: Arc<Metrics>,
     drain: Drain,
-    servers: HashMap<u16, (ServiceKey, CancellationToken, JoinHandle<()>)>,
+    /// A port's servers, one per address, stopped together.
+    servers: HashMap<u16, (ServiceKey, CancellationToken, Vec<JoinHandle<()>>)>,
     /// Ports that failed to bind, warned about once until they bind.
     failed: HashMap<u16, ServiceKey>,
 }
@@ -90,9 +93,9 @@ impl Reconciler {
                 _ = retry => {}
             }
         }
-        for (_, (_, token, handle)) in self.servers.drain() {
+        for (_, (_, token, handles)) in self.servers.drain() {
             token.cancel();
-            let _ = handle.await;
+            futures::future::join_all(handles).await;
         }
     }
 
@@ -104,10 +107,10 @@ impl Reconciler {
             .map(|(port, _)| *port)
             .collect();
         for port in stale {
-            if let Some((key, token, handle)) = self.servers.remove(&port) {
+            if let Some((key, token, handles)) = self.servers.remove(&port) {
                 token.cancel();
-                // The socket must be closed before the port can be bound again.
-                let _ = handle.await;
+                // The sockets must be closed before the port can be bound again.
+                futures::future::join_all(handles).await;
                 info!(port, service = %key, "service health check closed");
             }
         }
@@ -117,11 +120,9 @@ impl Reconciler {
             if self.servers.contains_key(&port) {
                 continue;
             }
-            let addr = SocketAddr::new(self.node_ip, port);
-            match TcpListener::bind(addr).await {
-                Ok(listener) => {
+            match self.bind_all(port).await {
+                Ok(listeners) => {
                     self.failed.remove(&port);
-                    info!(%addr, service = %key, "service health check listening");
                     let token = self.drain.stop_token().child_token();
                     let check = Check {
                         key: key.clone(),
@@ -129,13 +130,22 @@ impl Reconciler {
                         state: self.state.clone(),
                         metrics: self.metrics.clone(),
                     };
-                    let handle = self
-                        .drain
-                        .tracker()
-                        .spawn(serve(listener, check, token.clone()));
-                    self.servers.insert(port, (key, token, handle));
+                    let handles = listeners
+                        .into_iter()
+                        .map(|listener| {
+                            if let Ok(addr) = listener.local_addr() {
+                                info!(%addr, service = %key, "service health check listening");
+                            }
+                            self.drain.tracker().spawn(serve(
+                                listener,
+                                check.clone(),
+                                token.clone(),
+                            ))
+                        })
+                        .collect();
+                    self.servers.insert(port, (key, token, handles));
                 }
-                Err(e) => {
+                Err((addr, e)) => {
                     if self.failed.insert(port, key.clone()).is_none() {
                         warn!(%addr, service = %key, error = %e,
                             "cannot listen for the service health check; retrying");
@@ -143,6 +153,18 @@ impl Reconciler {
                 }
             }
         }
+    }
+
+    /// Binds `port` on every address, or on none: a port served on some
+    /// addresses only would tell a load balancer probing the others that
+    /// this node cannot serve.
+    async fn bind_all(&self, port: u16) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
+        let mut listeners = Vec::with_capacity(self.ips.len());
+        for ip in &self.ips {
+            let addr = SocketAddr::new(*ip, port);
+            listeners.push(TcpListener::bind(addr).await.map_err(|e| (addr, e))?);
+        }
+        Ok(listeners)
     }
 }
 

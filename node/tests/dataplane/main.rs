@@ -328,21 +328,27 @@ async fn node_ports_lb_ips_and_external_traffic_policy() {
     agent.shutdown().await;
 }
 
-/// `--nodeport-addresses`: a NodePort listens on `--node-ip` and on every
-/// interface address inside the ranges (here 127.0.0.1, the address of
-/// `lo`, for 127.0.0.0/8; the node IP is another loopback address).
+/// `--nodeport-addresses`: a NodePort, and the health check of an
+/// `externalTrafficPolicy: Local` Service, listen on `--node-ip` and on
+/// every interface address inside the ranges (here 127.0.0.1, the address
+/// of `lo`, for 127.0.0.0/8; the node IP is another loopback address).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_ports_listen_on_every_address_in_nodeport_addresses() {
     let backend = Echo::start().await;
     let node_port = dead_port().await.port();
+    let health_port = dead_port().await.port();
     let yaml = lb_service(
         "np",
         "127.77.0.20",
         node_port,
         "127.77.0.21",
-        "Cluster",
+        "Local",
         backend.addr,
         "test-node",
+    )
+    .replace(
+        "externalTrafficPolicy: Local",
+        &format!("externalTrafficPolicy: Local\n  healthCheckNodePort: {health_port}"),
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = Config {
@@ -355,8 +361,28 @@ async fn node_ports_listen_on_every_address_in_nodeport_addresses() {
         let a: SocketAddr = format!("{ip}:{node_port}").parse().expect("addr");
         wait_bound(|| agent.listeners(), a).await;
         connect_echo(a).await;
+        let hc: SocketAddr = format!("{ip}:{health_port}").parse().expect("addr");
+        eventually("the health check to answer 200", || async move {
+            http_get(hc)
+                .await
+                .is_some_and(|answer| answer.starts_with("HTTP/1.1 200"))
+        })
+        .await;
     }
     agent.shutdown().await;
+}
+
+/// One HTTP/1.1 GET of `/` to `addr`: the whole answer, or None when the
+/// connection fails.
+async fn http_get(addr: SocketAddr) -> Option<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.ok()?;
+    Some(answer)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
