@@ -13,6 +13,23 @@ use crate::load::{Load, more_writes};
 use crate::proxy::Cut;
 use crate::report;
 
+/// Cuts the leader off from the other `ids` and waits until they elect
+/// another (observing `load`'s register meanwhile); returns the old leader.
+async fn cut_off_the_leader(c: &Cluster, load: &Load, ids: &[u64], cut: Cut) -> u64 {
+    let old = c.wait_leader().await;
+    c.faults.cut_off(&[old], ids, cut);
+    eventually("a leader on the majority side", || async {
+        load.observe(c).await;
+        c.statuses()
+            .await
+            .iter()
+            .find(|(id, v)| v.0 == "leader" && **id != old)
+            .map(|_| ())
+    })
+    .await;
+    old
+}
+
 /// Runs the CLI's `apply` and `get` with replica `first` listed before
 /// `then`: both must succeed, so the CLI moved past `first`.
 fn cli_moves_past(c: &Cluster, first: u64, then: u64, name: &str) {
@@ -55,17 +72,7 @@ async fn partitions_keep_one_leader_per_term_and_heal() {
     more_writes(&load, &c, 10).await;
 
     // The leader alone on one side: the majority elects another and goes on.
-    let old = c.wait_leader().await;
-    c.faults.isolate(&[old], &ids);
-    eventually("a leader on the majority side", || async {
-        load.observe(&c).await;
-        c.statuses()
-            .await
-            .iter()
-            .find(|(id, v)| v.0 == "leader" && **id != old)
-            .map(|_| ())
-    })
-    .await;
+    let old = cut_off_the_leader(&c, &load, &ids, Cut::Reset).await;
     more_writes(&load, &c, 10).await;
     // The isolated replica cannot commit: a write sent to it directly fails.
     let isolated = c.replicas[&old].real.to_string();
@@ -126,17 +133,7 @@ async fn a_leader_behind_a_silent_partition_sends_clients_elsewhere() {
     let ids = [1, 2, 3];
     let load = Load::start(&c, "q");
     more_writes(&load, &c, 10).await;
-    let old = c.wait_leader().await;
-    c.faults.cut_off(&[old], &ids, Cut::Silent);
-    eventually("a leader on the majority side", || async {
-        load.observe(&c).await;
-        c.statuses()
-            .await
-            .iter()
-            .find(|(id, v)| v.0 == "leader" && **id != old)
-            .map(|_| ())
-    })
-    .await;
+    let old = cut_off_the_leader(&c, &load, &ids, Cut::Silent).await;
     more_writes(&load, &c, 10).await;
 
     // Straight to the cut-off leader, with a client timeout far longer than
