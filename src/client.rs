@@ -97,6 +97,14 @@ pub struct Client {
 
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// HTTP/2 PING interval on the CLI's connections.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a PING may go unanswered before the connection is taken as
+/// dead: generous, so a replica slowed by a loaded machine is not mistaken
+/// for a stopped one.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Client {
     pub fn new(servers: Vec<String>, tls: TlsArgs) -> Self {
         Self { servers, tls }
@@ -137,6 +145,12 @@ async fn connect(transport: &Transport, server: &str) -> anyhow::Result<Channel>
     let ep = strait_proto::tls::endpoint(server)
         .with_context(|| format!("invalid server address {server:?}"))?
         .connect_timeout(Duration::from_secs(2))
+        // A replica that accepts connections but no longer answers (a
+        // stopped process, a machine gone silent) is noticed in seconds,
+        // not at the end of the call's timeout.
+        .http2_keep_alive_interval(KEEPALIVE_EVERY)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .timeout(Duration::from_secs(30));
     transport
         .connect(ep)
@@ -260,6 +274,16 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Whether a connection failed because the peer stopped answering (an
+/// HTTP/2 keepalive PING went unanswered), not because it was refused or
+/// closed.
+fn stopped_answering(cause: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(cause), |e| e.source()).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+    })
+}
+
 /// kubectl's reason words for a gRPC status.
 pub fn reason(status: &tonic::Status) -> &'static str {
     use tonic::Code;
@@ -283,6 +307,17 @@ pub fn reason(status: &tonic::Status) -> &'static str {
 pub fn server_error(status: tonic::Status) -> anyhow::Error {
     use std::error::Error;
     if let Some(cause) = status.source() {
+        if stopped_answering(cause) {
+            return anyhow!(
+                "the connection to the control plane failed: {}: {}. The replica accepted \
+                 the connection but stopped answering (no reply to HTTP/2 keepalive PINGs \
+                 within {KEEPALIVE_TIMEOUT:?}): a stopped process or a machine gone silent. A \
+                 write sent on it may or may not have been applied: read the object before \
+                 retrying",
+                status.message(),
+                error_chain(cause)
+            );
+        }
         return anyhow!(
             "the connection to the control plane failed: {}: {}. A TLS control plane \
              closes connections from plaintext clients and from certificates it does not \

@@ -33,15 +33,8 @@ async fn cut_off_the_leader(c: &Cluster, load: &Load, ids: &[u64], cut: Cut) -> 
 /// Runs the CLI's `apply` and `get` with replica `first` listed before
 /// `then`: both must succeed, so the CLI moved past `first`.
 fn cli_moves_past(c: &Cluster, first: u64, then: u64, name: &str) {
-    let servers = format!("{},{}", c.replicas[&first].real, c.replicas[&then].real);
-    let cli = |args: &[&str]| {
-        std::process::Command::new(BIN)
-            .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
-            .env("STRAIT_SERVER", &servers)
-            .args(args)
-            .output()
-            .expect("run strait")
-    };
+    let servers = [c.replicas[&first].real, c.replicas[&then].real];
+    let cli = |args: &[&str]| cli_with_servers(&servers, args);
     let manifest = std::env::temp_dir().join(format!("strait-{name}-{}.yaml", std::process::id()));
     std::fs::write(
         &manifest,

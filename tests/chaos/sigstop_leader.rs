@@ -53,6 +53,22 @@ async fn sigstop_the_leader_then_resume_it() {
     })
     .await;
 
+    // The CLI given the stopped replica first: its connection accepts and
+    // never answers, so the read moves on once HTTP/2 keepalive gives up.
+    let cli_started = Instant::now();
+    let out = cli_with_servers(
+        &[c.replicas[&old].real, c.replicas[&new].real],
+        &["get", "svc", "fence", "-o", "json"],
+    );
+    let cli_took = cli_started.elapsed();
+    assert!(
+        out.status.success(),
+        "get with the stopped replica first: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fence: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(fence["metadata"]["annotations"]["v"], "2", "{fence}");
+
     c.replicas[&old].signal(libc::SIGCONT);
     // Straight after waking it still believes it leads: a linearizable
     // read there must see the new fence or fail, never the old one.
@@ -83,8 +99,9 @@ async fn sigstop_the_leader_then_resume_it() {
     report::row(
         "SIGSTOP leader",
         &format!(
-            "new leader {new} after {} ms; {answered}/20 reads at the resumed leader answered, all current",
-            elected.as_millis()
+            "new leader {new} after {} ms; the CLI's read, the stopped leader listed first, answered by the next replica after {} ms; {answered}/20 reads at the resumed leader answered, all current",
+            elected.as_millis(),
+            cli_took.as_millis()
         ),
         &format!("{checked}; old leader stepped down"),
     );

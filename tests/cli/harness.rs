@@ -78,6 +78,17 @@ impl Control {
         cli(&self.addr, args, Some(stdin))
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the process.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
     /// SIGKILLs the process (no clean shutdown).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

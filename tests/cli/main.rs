@@ -619,6 +619,27 @@ fn concurrent_applies_get_distinct_allocations() {
     assert_eq!(ports.len(), 16);
 }
 
+/// A replica that accepts connections but no longer answers (here
+/// SIGSTOPped): the CLI gives up on it when HTTP/2 keepalive does, instead
+/// of waiting out its 30 s call timeout, and says what happened — not that
+/// TLS may have refused it — and that the write may or may not be applied.
+#[test]
+fn a_replica_that_stopped_answering_is_named_as_such() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Control::start(dir.path(), &[]);
+    c.signal(libc::SIGSTOP);
+    let out = c.cli_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: asleep}\nspec:\n  ports: [{port: 80}]\n",
+    );
+    c.signal(libc::SIGCONT);
+    let err = fails(out);
+    assert!(
+        err.contains("stopped answering") && err.contains("may or may not have been applied"),
+        "{err}"
+    );
+}
+
 mod dev;
 mod lifecycle;
 mod watch;
