@@ -71,14 +71,33 @@ impl Writer {
         }
     }
 
-    /// Proposes `cmd` through this replica's Raft (must be the leader).
-    pub async fn write_local(&self, cmd: Command) -> Result<RaftResponse, Status> {
+    /// Proposes `cmd` through this replica's Raft (must be the leader) and
+    /// waits until `deadline` for it to commit, for a client of this replica
+    /// or a follower forwarding one.
+    pub async fn write_local(
+        &self,
+        cmd: Command,
+        deadline: tokio::time::Instant,
+    ) -> Result<RaftResponse, Status> {
         // A dry run against the current state refuses most bad writes
         // without spending a log entry; the state machine checks again.
         if let Err(e) = watch::read(&self.shared).state().check(&cmd) {
             return Ok(RaftResponse(Err(e)));
         }
-        match self.proposer.propose(cmd).await {
+        if let Some(silent) = leader_cut_off(&self.raft) {
+            // Not proposed: another replica may do better, and this one will
+            // not learn of a new leader while cut off, so waiting here would
+            // only use up the client's time.
+            return Err(Status::unavailable(format!(
+                "this replica leads but has not heard from a quorum for {silent:?}; \
+                 the write was not proposed: send it to another replica"
+            )));
+        }
+        let proposed = tokio::time::timeout_at(deadline, self.proposer.propose(cmd)).await;
+        let Ok(proposed) = proposed else {
+            return Err(outcome_unknown(&"not committed in time"));
+        };
+        match proposed {
             Ok(resp) => Ok(resp),
             // Refused before it was appended: nothing happened, so the
             // caller may retry it with the next leader.
@@ -135,24 +154,7 @@ impl Writer {
                 span.record("strait.forwarded", leader != id);
             }
             let resp = match leader {
-                Some(leader) if leader == id => {
-                    if let Some(silent) = leader_cut_off(&self.raft) {
-                        // Not proposed: another replica may do better, and
-                        // this one will not learn of a new leader while cut
-                        // off, so waiting here would only use up the client's
-                        // time.
-                        return Err(Status::unavailable(format!(
-                            "this replica leads but has not heard from a quorum for {silent:?}; \
-                             the write was not proposed: send it to another replica"
-                        )));
-                    }
-                    match tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await {
-                        Ok(r) => r,
-                        Err(_) => Err(outcome_unknown(&format_args!(
-                            "not committed within {WRITE_DEADLINE:?}"
-                        ))),
-                    }
-                }
+                Some(leader) if leader == id => self.write_local(cmd.clone(), deadline).await,
                 Some(_) => match leader_addr {
                     Some(addr) => self
                         .peers
@@ -170,10 +172,13 @@ impl Writer {
                 // for the next leader and try again. A write that may have
                 // been appended is never retried here: a second copy could
                 // land after another client's write and undo it, or answer
-                // a conflict for a write that succeeded.
+                // a conflict for a write that succeeded. A leader cut off
+                // from its quorum will not learn of the next one: its
+                // refusal goes straight back, so the client moves on.
                 Err(s)
                     if s.code() == tonic::Code::Unavailable
-                        && tokio::time::Instant::now() < deadline =>
+                        && tokio::time::Instant::now() < deadline
+                        && leader_cut_off(&self.raft).is_none() =>
                 {
                     let mut rx = self.raft.metrics();
                     let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
@@ -186,7 +191,7 @@ impl Writer {
 
 /// How long a write may wait for a leader and for its commit before the
 /// client is answered.
-const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The answer for a write that may or may not have been applied: gRPC's
 /// `DEADLINE_EXCEEDED` ("may be returned even if the operation has completed
@@ -653,7 +658,7 @@ pub fn raft_contact(raft: Arc<Raft>) -> Contact {
 /// others never learns that they elected another, so it refuses new writes
 /// and linearizable reads instead of holding them until they time out, and
 /// sends its watchers elsewhere (the role etcd's check-quorum plays).
-fn leader_cut_off(raft: &Raft) -> Option<Duration> {
+pub(crate) fn leader_cut_off(raft: &Raft) -> Option<Duration> {
     use openraft::Instant as _;
     let rx = raft.metrics();
     let m = rx.borrow_watched();

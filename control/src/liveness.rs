@@ -19,7 +19,7 @@ use strait_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::api::Writer;
+use crate::api::{WRITE_DEADLINE, Writer};
 use crate::raft::Raft;
 use crate::state::{Command, now_unix_nanos};
 use crate::watch::{self, Shared};
@@ -196,7 +196,10 @@ async fn round(
             now_unix_nanos: now,
             grace_seconds: Some(0),
         };
-        if let Err(e) = writer.write_local(cmd).await {
+        if let Err(e) = writer
+            .write_local(cmd, tokio::time::Instant::now() + WRITE_DEADLINE)
+            .await
+        {
             tracing::warn!(pod = %name, error = %e, "removing a terminated pod failed; will retry");
         }
     }
@@ -217,7 +220,10 @@ async fn round(
             object: next.encode_to_vec(),
             now_unix_nanos: now,
         };
-        match writer.write_local(cmd).await {
+        match writer
+            .write_local(cmd, tokio::time::Instant::now() + WRITE_DEADLINE)
+            .await
+        {
             Ok(r) if r.0.is_ok() => {
                 tracing::info!(node = %name, ready = !ready, "node readiness changed")
             }

@@ -604,6 +604,11 @@ impl raft_server::Raft for RaftService {
         &self,
         _req: Request<RaftPayload>,
     ) -> Result<tonic::Response<RaftPayload>, Status> {
+        if let Some(silent) = crate::api::leader_cut_off(&self.raft) {
+            return Err(Status::unavailable(format!(
+                "read index: this replica leads but has not heard from a quorum for {silent:?}"
+            )));
+        }
         let (read_log_id, _) = self
             .raft
             .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
@@ -630,7 +635,8 @@ impl raft_server::Raft for RaftService {
         req: Request<RaftPayload>,
     ) -> Result<tonic::Response<RaftPayload>, Status> {
         let cmd: Command = decode(req.get_ref()).map_err(bad)?;
-        let resp = self.writes.write_local(cmd).await?;
+        let deadline = tokio::time::Instant::now() + crate::api::WRITE_DEADLINE;
+        let resp = self.writes.write_local(cmd, deadline).await?;
         reply(&resp)
     }
 }

@@ -268,15 +268,21 @@ impl Prober {
             let Some(mut client) = this.client(&addr) else {
                 break;
             };
-            let stream = client
-                .watch(WatchRequest {
+            let stream = tokio::time::timeout(
+                crate::watch::WATCH_SILENCE,
+                client.watch(WatchRequest {
                     kinds: vec!["Pod".into()],
                     revision: 0,
-                })
-                .await;
+                }),
+            )
+            .await;
             let mut stream = match stream {
-                Ok(s) => s.into_inner(),
-                Err(e) => {
+                Ok(Ok(s)) => s.into_inner(),
+                Err(_) => {
+                    debug!(control = %addr, "pod watch got no answer; moving on");
+                    continue;
+                }
+                Ok(Err(e)) => {
                     debug!(control = %addr, error = %e, "pod watch failed; retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return,

@@ -298,7 +298,15 @@ impl Watcher {
             kinds: vec!["Service".into(), "EndpointSlice".into()],
             revision: resume.unwrap_or(0),
         };
-        let mut stream = client.watch(req).await.map_err(rpc)?.into_inner();
+        // Bounded like the stream: a cached connection to a replica gone
+        // silent would never bring the response headers.
+        let opened = tokio::time::timeout(WATCH_SILENCE, client.watch(req))
+            .await
+            .map_err(|_| WatchError::Silent {
+                addr: addr.clone(),
+                after: WATCH_SILENCE,
+            })?;
+        let mut stream = opened.map_err(rpc)?.into_inner();
         info!(%addr, revision = resume.unwrap_or(0), "watching the control plane");
         tokio::spawn(register(client, addr.clone(), self.registration.clone()));
         loop {

@@ -397,14 +397,16 @@ pub async fn watch_services(
         .into_inner()
 }
 
-/// Runs the `strait` CLI with `args` against `servers`, in that order.
-pub fn cli_with_servers(servers: &[SocketAddr], args: &[&str]) -> std::process::Output {
+/// Runs the `strait` CLI with `args` against `servers`, in that order,
+/// without holding up a runtime worker (the proxies run on it).
+pub async fn cli_with_servers(servers: &[SocketAddr], args: &[&str]) -> std::process::Output {
     let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
-    Command::new(BIN)
+    tokio::process::Command::new(BIN)
         .env("STRAIT_INSECURE", "1") // plaintext: this suite does not test TLS
         .env("STRAIT_SERVER", servers.join(","))
         .args(args)
         .output()
+        .await
         .expect("run strait")
 }
 

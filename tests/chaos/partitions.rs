@@ -32,9 +32,8 @@ async fn cut_off_the_leader(c: &Cluster, load: &Load, ids: &[u64], cut: Cut) -> 
 
 /// Runs the CLI's `apply` and `get` with replica `first` listed before
 /// `then`: both must succeed, so the CLI moved past `first`.
-fn cli_moves_past(c: &Cluster, first: u64, then: u64, name: &str) {
+async fn cli_moves_past(c: &Cluster, first: u64, then: u64, name: &str) {
     let servers = [c.replicas[&first].real, c.replicas[&then].real];
-    let cli = |args: &[&str]| cli_with_servers(&servers, args);
     let manifest = std::env::temp_dir().join(format!("strait-{name}-{}.yaml", std::process::id()));
     std::fs::write(
         &manifest,
@@ -43,14 +42,18 @@ fn cli_moves_past(c: &Cluster, first: u64, then: u64, name: &str) {
         ),
     )
     .expect("manifest");
-    let out = cli(&["apply", "-f", manifest.to_str().expect("utf-8")]);
+    let out = cli_with_servers(
+        &servers,
+        &["apply", "-f", manifest.to_str().expect("utf-8")],
+    )
+    .await;
     let _ = std::fs::remove_file(&manifest);
     assert!(
         out.status.success(),
         "apply with replica {first} first: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = cli(&["get", "svc", name]);
+    let out = cli_with_servers(&servers, &["get", "svc", name]).await;
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains(name),
         "get with replica {first} first: {out:?}"
@@ -172,7 +175,7 @@ async fn a_leader_behind_a_silent_partition_sends_clients_elsewhere() {
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("not proposed"), "{refused:?}");
     let other = *ids.iter().find(|i| **i != old).expect("other");
-    cli_moves_past(&c, old, other, "past-silent-leader");
+    cli_moves_past(&c, old, other, "past-silent-leader").await;
 
     c.faults.heal();
     c.caught_up().await;
@@ -246,7 +249,7 @@ async fn a_watch_on_an_isolated_replica_is_sent_elsewhere() {
         .iter()
         .find(|i| **i != watched && **i != leader)
         .expect("other");
-    cli_moves_past(&c, watched, other, "moved");
+    cli_moves_past(&c, watched, other, "moved").await;
     tokio::time::timeout(DEADLINE, leader_watch)
         .await
         .expect("the leader's bookmarks")
@@ -290,5 +293,61 @@ async fn a_lagging_follower_is_caught_up_by_snapshot_install() {
         "lagging follower",
         "a follower isolated while 300 writes and log compaction go on, then healed",
         &format!("caught up by snapshot install; {checked}"),
+    );
+}
+
+/// Five replicas; the leader and one follower cut off together. The
+/// follower still follows the old leader and forwards writes to it; the old
+/// leader, hearing from two of five, refuses them as not proposed
+/// (`UNAVAILABLE`: nothing was appended) instead of proposing entries that
+/// can never commit and leaving the outcome unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_forwarded_to_a_cut_off_leader_is_refused() {
+    let c = Cluster::start(18, 5, &[]).await;
+    let ids = [1, 2, 3, 4, 5];
+    let old = c.wait_leader().await;
+    let follower = *ids.iter().find(|i| **i != old).expect("follower");
+    c.faults.cut_off(&[old, follower], &ids, Cut::Reset);
+    eventually("a leader among the other three", || async {
+        c.statuses()
+            .await
+            .iter()
+            .find(|(id, v)| v.0 == "leader" && **id != old && **id != follower)
+            .map(|_| ())
+    })
+    .await;
+    let addr = c.replicas[&follower].real.to_string();
+    let direct = ResourcesClient::new(channel(&addr).await.expect("connect"));
+    let mut attempt = 0;
+    let refused = eventually("a forwarded write refused as not proposed", || {
+        attempt += 1;
+        let mut direct = direct.clone();
+        let name = format!("forwarded-{attempt}");
+        async move {
+            let mut req = tonic::Request::new(ApplyRequest {
+                object: Some(service(&name, 1)),
+            });
+            req.set_timeout(Duration::from_secs(60));
+            match direct.apply(req).await {
+                Err(s) if s.code() == tonic::Code::Unavailable => Some(s),
+                // Proposed before the old leader's 3 s without a quorum ran
+                // out, so never committed: an unknown outcome.
+                Err(s) if s.code() == tonic::Code::DeadlineExceeded => None,
+                other => panic!("a write through the cut-off side: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(refused.message().contains("not proposed"), "{refused:?}");
+    c.faults.heal();
+    let objects = c.converged().await;
+    assert!(
+        objects.iter().all(|o| !o.name().starts_with("forwarded-")),
+        "a write through the cut-off side survived the heal"
+    );
+    report::row(
+        "forwarded to a cut-off leader",
+        "five replicas; the leader and a follower cut off together; writes sent to that follower",
+        "the old leader refuses them as not proposed (UNAVAILABLE); none survives the heal",
     );
 }

@@ -185,7 +185,10 @@ impl Link {
         loop {
             let n = match r.read(&mut buf).await {
                 Ok(0) | Err(_) => {
-                    let _ = w.shutdown().await;
+                    // The end of the stream crosses only an open link.
+                    if self.open().await {
+                        let _ = w.shutdown().await;
+                    }
                     return;
                 }
                 Ok(n) => n,

@@ -59,7 +59,8 @@ async fn sigstop_the_leader_then_resume_it() {
     let out = cli_with_servers(
         &[c.replicas[&old].real, c.replicas[&new].real],
         &["get", "svc", "fence", "-o", "json"],
-    );
+    )
+    .await;
     let cli_took = cli_started.elapsed();
     assert!(
         out.status.success(),
