@@ -133,6 +133,7 @@ impl Client {
             client: self,
             transport: self.tls.cli_transport()?,
             current: None,
+            start: 0,
         })
     }
 
@@ -179,9 +180,20 @@ pub struct Session<'a> {
     client: &'a Client,
     transport: Transport,
     current: Option<(usize, ResourcesClient<Channel>)>,
+    /// Where the next call starts when no replica is current.
+    start: usize,
 }
 
 impl Session<'_> {
+    /// Sends the next call to the replica after the current one, for a
+    /// failure the call itself did not see: a watch stream that broke or
+    /// went silent after it was opened.
+    pub fn leave(&mut self) {
+        if let Some((i, _)) = self.current.take() {
+            self.start = (i + 1) % self.client.servers.len();
+        }
+    }
+
     /// A call that changes nothing, so may be sent again anywhere.
     pub async fn read<T, F, Fut>(&mut self, call: F) -> anyhow::Result<Result<T, tonic::Status>>
     where
@@ -213,7 +225,7 @@ impl Session<'_> {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let servers = &self.client.servers;
-        let first = self.current.as_ref().map_or(0, |(i, _)| *i);
+        let first = self.current.as_ref().map_or(self.start, |(i, _)| *i);
         let (mut answer, mut unreached) = (None, None);
         for k in 0..servers.len() {
             let i = (first + k) % servers.len();

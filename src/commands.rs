@@ -152,98 +152,119 @@ fn namespace_for(kind: Kind, ns: Option<&str>) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn get(
-    client: &Client,
-    kind: &str,
-    name: Option<&str>,
-    namespace: Option<&str>,
-    all: bool,
-    format: Option<Format>,
-    consistency: ConsistencyArg,
-) -> anyhow::Result<()> {
-    let kind = parse_kind(kind)?;
-    let mut session = client.session()?;
-    let ns = if all {
-        String::new()
-    } else {
-        namespace_for(kind, namespace)
-    };
-    let consistency: i32 = consistency.into();
-    let items: Vec<Object> = match name {
-        Some(n) => {
-            let req = GetRequest {
-                kind: kind.to_string(),
-                namespace: ns.clone(),
-                name: n.to_string(),
-                consistency,
-            };
-            session
-                .read(|mut rpc| {
-                    let req = req.clone();
-                    async move { rpc.get(req).await }
-                })
-                .await?
-                .map_err(server_error)?
-                .object
-                .into_iter()
-                .collect()
-        }
-        None => {
-            let req = ListRequest {
-                kind: kind.to_string(),
-                namespace: ns.clone(),
-                consistency,
-            };
-            session
-                .read(|mut rpc| {
-                    let req = req.clone();
-                    async move { rpc.list(req).await }
-                })
-                .await?
-                .map_err(server_error)?
-                .items
-        }
-    };
-    match format {
-        Some(Format::Yaml) | Some(Format::Json) => {
-            let values: Vec<serde_json::Value> = items.iter().map(output::manifest).collect();
-            let v = if name.is_some() && values.len() == 1 {
-                values.into_iter().next().unwrap_or_default()
-            } else {
-                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values})
-            };
-            if format == Some(Format::Json) {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", output::to_yaml(&v)?);
-            }
-        }
-        _ if items.is_empty() => {
-            if all || !kind.namespaced() {
-                eprintln!("No resources found");
-            } else {
-                eprintln!("No resources found in {ns} namespace.");
-            }
-        }
-        f => {
-            let progress = if kind == Kind::Node {
-                node_progress(client).await
-            } else {
-                output::NodeProgress::default()
-            };
-            print!(
-                "{}",
-                output::table(kind, &items, all, f == Some(Format::Wide), &progress)
-            )
+/// `get`: what to show and how.
+pub struct Get<'a> {
+    pub kind: &'a str,
+    pub name: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub all_namespaces: bool,
+    pub format: Option<Format>,
+    pub consistency: ConsistencyArg,
+}
+
+impl Get<'_> {
+    /// The namespace asked for; empty for every namespace and for
+    /// cluster-scoped kinds.
+    fn scope(&self, kind: Kind) -> String {
+        if self.all_namespaces {
+            String::new()
+        } else {
+            namespace_for(kind, self.namespace)
         }
     }
-    Ok(())
+
+    /// `get -w`: see [`crate::watch`].
+    pub async fn watch(&self, client: &Client, events: bool) -> anyhow::Result<()> {
+        let kind = parse_kind(self.kind)?;
+        crate::watch::Watch {
+            kind,
+            name: self.name,
+            namespace: self.scope(kind),
+            all_namespaces: self.all_namespaces,
+            format: self.format,
+            consistency: self.consistency.into(),
+            events,
+        }
+        .run(client)
+        .await
+    }
+
+    /// `get` without `-w`: the objects as they are now.
+    pub async fn run(&self, client: &Client) -> anyhow::Result<()> {
+        let kind = parse_kind(self.kind)?;
+        let (name, all, format) = (self.name, self.all_namespaces, self.format);
+        let mut session = client.session()?;
+        let ns = self.scope(kind);
+        let consistency: i32 = self.consistency.into();
+        let items: Vec<Object> = match name {
+            Some(n) => {
+                let req = GetRequest {
+                    kind: kind.to_string(),
+                    namespace: ns.clone(),
+                    name: n.to_string(),
+                    consistency,
+                };
+                session
+                    .read(|mut rpc| {
+                        let req = req.clone();
+                        async move { rpc.get(req).await }
+                    })
+                    .await?
+                    .map_err(server_error)?
+                    .object
+                    .into_iter()
+                    .collect()
+            }
+            None => {
+                let req = ListRequest {
+                    kind: kind.to_string(),
+                    namespace: ns.clone(),
+                    consistency,
+                };
+                session
+                    .read(|mut rpc| {
+                        let req = req.clone();
+                        async move { rpc.list(req).await }
+                    })
+                    .await?
+                    .map_err(server_error)?
+                    .items
+            }
+        };
+        match format {
+            Some(Format::Yaml) | Some(Format::Json) => {
+                let values: Vec<serde_json::Value> = items.iter().map(output::manifest).collect();
+                let v = if name.is_some() && values.len() == 1 {
+                    values.into_iter().next().unwrap_or_default()
+                } else {
+                    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values})
+                };
+                if format == Some(Format::Json) {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{}", output::to_yaml(&v)?);
+                }
+            }
+            _ if items.is_empty() => output::no_resources(&ns),
+            f => {
+                let progress = if kind == Kind::Node {
+                    node_progress(client).await
+                } else {
+                    output::NodeProgress::default()
+                };
+                print!(
+                    "{}",
+                    output::table(kind, &items, all, f == Some(Format::Wide), &progress)
+                )
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the contacted replica heard from node agents; empty (columns
 /// `<none>`) when it cannot say, e.g. a replica without the RPC.
-async fn node_progress(client: &Client) -> output::NodeProgress {
+pub(crate) async fn node_progress(client: &Client) -> output::NodeProgress {
     let resp = match client.cluster().await {
         Ok(mut rpc) => rpc.node_status(NodeStatusRequest {}).await,
         Err(_) => return output::NodeProgress::default(),

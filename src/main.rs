@@ -12,6 +12,7 @@ mod node;
 mod output;
 mod systemd;
 mod telemetry;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,14 @@ enum Command {
         /// Read the contacted replica's state without a read-index round trip.
         #[arg(long, value_enum, default_value_t = commands::ConsistencyArg::Linearizable)]
         consistency: commands::ConsistencyArg,
+        /// After listing, show every change as it happens (until interrupted),
+        /// moving to another replica, without a gap, when one fails.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// With --watch: an EVENT column (ADDED, MODIFIED, DELETED), or
+        /// `{type, object}` documents with -o yaml|json.
+        #[arg(long, requires = "watch")]
+        output_watch_events: bool,
     },
     /// Show one object in detail, with its endpoints for a Service.
     Describe {
@@ -146,17 +155,22 @@ async fn main() -> ExitCode {
             all_namespaces,
             output,
             consistency,
+            watch,
+            output_watch_events,
         } => {
-            commands::get(
-                &client,
-                &kind,
-                name.as_deref(),
-                namespace.as_deref(),
+            let get = commands::Get {
+                kind: &kind,
+                name: name.as_deref(),
+                namespace: namespace.as_deref(),
                 all_namespaces,
-                output,
+                format: output,
                 consistency,
-            )
-            .await
+            };
+            if watch {
+                get.watch(&client, output_watch_events).await
+            } else {
+                get.run(&client).await
+            }
         }
         Command::Describe {
             kind,

@@ -227,6 +227,16 @@ fn slice_row(s: &EndpointSlice) -> Vec<String> {
     ]
 }
 
+/// kubectl's note for an empty answer; `namespace` is empty for every
+/// namespace and for cluster-scoped kinds.
+pub fn no_resources(namespace: &str) {
+    if namespace.is_empty() {
+        eprintln!("No resources found");
+    } else {
+        eprintln!("No resources found in {namespace} namespace.");
+    }
+}
+
 /// The table for `objects` of `kind`.
 /// `progress` fills the APPLIED-REVISION and LAG columns of nodes.
 pub fn table(
@@ -236,43 +246,69 @@ pub fn table(
     wide: bool,
     progress: &NodeProgress,
 ) -> String {
-    let mut header: Vec<&str> = match kind {
-        Kind::Service => vec![
-            "NAME",
-            "TYPE",
-            "CLUSTER-IP",
-            "EXTERNAL-IP",
-            "PORT(S)",
-            "AGE",
-        ],
-        Kind::Pod => vec!["NAME", "READY", "STATUS", "IP", "NODE", "AGE"],
-        Kind::Node => vec![
-            "NAME",
-            "STATUS",
-            "INTERNAL-IP",
-            "APPLIED-REVISION",
-            "LAG",
-            "AGE",
-        ],
-        Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
+    let columns = Columns {
+        kind,
+        all_namespaces,
+        wide,
     };
-    if wide && kind == Kind::Service {
-        header.push("SELECTOR");
+    let mut rows = vec![columns.header()];
+    rows.extend(objects.iter().filter_map(|o| columns.row(o, progress)));
+    let widths = widths(&rows, &[]);
+    rows.iter().map(|r| line(r, &widths)).collect()
+}
+
+/// The columns `get` shows for a kind; `get -w` keeps them for every later
+/// row.
+#[derive(Clone, Copy, Debug)]
+pub struct Columns {
+    pub kind: Kind,
+    pub all_namespaces: bool,
+    pub wide: bool,
+}
+
+impl Columns {
+    pub fn header(&self) -> Vec<String> {
+        let mut header: Vec<&str> = match self.kind {
+            Kind::Service => vec![
+                "NAME",
+                "TYPE",
+                "CLUSTER-IP",
+                "EXTERNAL-IP",
+                "PORT(S)",
+                "AGE",
+            ],
+            Kind::Pod => vec!["NAME", "READY", "STATUS", "IP", "NODE", "AGE"],
+            Kind::Node => vec![
+                "NAME",
+                "STATUS",
+                "INTERNAL-IP",
+                "APPLIED-REVISION",
+                "LAG",
+                "AGE",
+            ],
+            Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
+        };
+        if self.wide && self.kind == Kind::Service {
+            header.push("SELECTOR");
+        }
+        if self.all_namespaces && self.kind.namespaced() {
+            header.insert(0, "NAMESPACE");
+        }
+        header.iter().map(|s| s.to_string()).collect()
     }
-    if all_namespaces && kind.namespaced() {
-        header.insert(0, "NAMESPACE");
-    }
-    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
-    for o in objects {
+
+    /// The cells of `o`'s row; `None` for an object without a kind.
+    pub fn row(&self, o: &Object, progress: &NodeProgress) -> Option<Vec<String>> {
+        let wide_service = self.wide && self.kind == Kind::Service;
         let mut cells = match &o.kind {
-            Some(object::Kind::Service(s)) => svc_row(s, wide),
+            Some(object::Kind::Service(s)) => svc_row(s, self.wide),
             Some(object::Kind::Pod(p)) => pod_row(p),
             Some(object::Kind::Node(n)) => node_row(n, progress),
             Some(object::Kind::EndpointSlice(s)) => slice_row(s),
-            None => continue,
+            None => return None,
         };
         let age = age(created(o));
-        if wide && kind == Kind::Service {
+        if wide_service {
             // svc_row left a slot for AGE before SELECTOR.
             let n = cells.len();
             cells[n - 2] = age;
@@ -280,29 +316,36 @@ pub fn table(
             cells.push(age);
         }
         cells.insert(0, o.name().to_string());
-        if all_namespaces && kind.namespaced() {
+        if self.all_namespaces && self.kind.namespaced() {
             cells.insert(0, o.namespace().to_string());
         }
-        rows.push(cells);
+        Some(cells)
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+}
+
+/// Each column's width: its widest cell in `rows`, at least `at_least`'s.
+pub fn widths(rows: &[Vec<String>], at_least: &[usize]) -> Vec<usize> {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    (0..columns)
         .map(|i| {
             rows.iter()
                 .map(|r| r.get(i).map_or(0, String::len))
+                .chain(at_least.get(i).copied())
                 .max()
                 .unwrap_or(0)
         })
+        .collect()
+}
+
+/// One row, cells padded to `widths` and three spaces apart.
+pub fn line(cells: &[String], widths: &[usize]) -> String {
+    let padded: Vec<String> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
         .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
+    let mut out = padded.join("   ").trim_end().to_string();
+    out.push('\n');
     out
 }
 

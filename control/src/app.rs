@@ -394,20 +394,21 @@ pub async fn build(cfg: Config) -> Result<Bound, StartError> {
         raft.clone(),
         shared.clone(),
         heartbeats.clone(),
-        peers_net,
+        peers_net.clone(),
     ));
     let (duties_stop, duties_stop_rx) = tokio::sync::watch::channel(false);
     let liveness = liveness::spawn(
         raft.clone(),
         shared.clone(),
         writer.clone(),
+        peers_net,
         heartbeats.clone(),
         cfg.node_grace,
         duties_stop_rx,
     );
-    let nodes = NodesServer::new(NodesApi::new(heartbeats, raft.clone()));
+    let nodes = NodesServer::new(NodesApi::new(heartbeats.clone(), raft.clone()));
     let raft_svc = tonic::service::interceptor::InterceptedService::new(
-        RaftServer::new(RaftService::new(raft.clone(), writer))
+        RaftServer::new(RaftService::new(raft.clone(), writer, heartbeats.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         crate::authz::raft_interceptor,

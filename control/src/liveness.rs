@@ -1,5 +1,8 @@
 //! Node liveness and Pod termination, driven by the leader: agents send
-//! heartbeats to every replica; the leader marks a node silent for the grace
+//! heartbeats to every replica, and followers relay the ones they hear to
+//! the leader once a second, so a node that reaches any replica the leader
+//! reaches counts as alive (as a kubelet's lease renewal through any
+//! apiserver does); the leader marks a node silent for the grace
 //! period Ready=False (its Pods' endpoints turn unready in the same
 //! revision), marks it Ready again when heartbeats return, and removes
 //! terminating Pods whose grace period has ended. Every decision is written
@@ -21,24 +24,57 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{WRITE_DEADLINE, Writer};
 use crate::raft::Raft;
+use crate::raft_net::Peers;
 use crate::state::{Command, now_unix_nanos};
 use crate::watch::{self, Shared};
 
-/// Last heartbeat per node name, as this replica received them, with the
-/// revision the node reported as programmed.
+/// How often a follower relays the heartbeats it heard to the leader.
+pub const RELAY_EVERY: Duration = Duration::from_secs(1);
+
+/// Last heartbeat per node name, as this replica received them or had them
+/// relayed, with the revision the node reported as programmed.
 #[derive(Clone, Default)]
-pub struct Heartbeats(Arc<Mutex<HashMap<String, (Instant, u64)>>>);
+pub struct Heartbeats {
+    heard: Arc<Mutex<HashMap<String, (Instant, u64)>>>,
+    /// Received directly since the last relay to the leader.
+    unrelayed: Arc<Mutex<HashMap<String, u64>>>,
+}
 
 impl Heartbeats {
     fn record(&self, node: &str, applied_revision: u64) {
-        self.0
+        self.heard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_string(), (Instant::now(), applied_revision));
+        self.unrelayed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), applied_revision);
+    }
+
+    /// Heartbeats another replica received and relayed here. Not relayed
+    /// again. A relayed revision is at most a relay interval old, so it
+    /// never moves a node's revision back.
+    pub fn record_relayed(&self, heard: &[(String, u64)]) {
+        let now = Instant::now();
+        let mut map = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        for (node, applied_revision) in heard {
+            let revision = map
+                .get(node)
+                .map_or(*applied_revision, |(_, r)| (*r).max(*applied_revision));
+            map.insert(node.clone(), (now, revision));
+        }
+    }
+
+    /// The heartbeats received directly since the last call.
+    fn take_unrelayed(&self) -> Vec<(String, u64)> {
+        std::mem::take(&mut *self.unrelayed.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect()
     }
 
     fn last(&self, node: &str) -> Option<Instant> {
-        self.0
+        self.heard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
@@ -49,7 +85,7 @@ impl Heartbeats {
     /// revision; sorted by name.
     pub fn all(&self) -> Vec<(String, Instant, u64)> {
         let mut v: Vec<_> = self
-            .0
+            .heard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
@@ -146,20 +182,63 @@ pub fn spawn(
     raft: Arc<Raft>,
     shared: Shared,
     writer: Writer,
+    peers: Peers,
     heartbeats: Heartbeats,
     grace: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let mut leader_since: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                () = crate::api::until_stopping(&mut stop) => break,
-                _ = round(&raft, &shared, &writer, &heartbeats, grace, &mut leader_since, &mut tick) => {}
+        let duties = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let mut leader_since: Option<Instant> = None;
+            loop {
+                round(
+                    &raft,
+                    &shared,
+                    &writer,
+                    &heartbeats,
+                    grace,
+                    &mut leader_since,
+                    &mut tick,
+                )
+                .await;
             }
+        };
+        tokio::select! {
+            () = crate::api::until_stopping(&mut stop) => {}
+            () = duties => {}
+            () = relay(&raft, &peers, &heartbeats) => {}
         }
     })
+}
+
+/// A follower's part: every [`RELAY_EVERY`], the heartbeats it heard go to
+/// the leader. A relay that fails is dropped; the next carries newer ones.
+async fn relay(raft: &Raft, peers: &Peers, heartbeats: &Heartbeats) {
+    let mut tick = tokio::time::interval(RELAY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Taken on the leader too, where they need no relay, so the map
+        // does not grow.
+        let heard = heartbeats.take_unrelayed();
+        let leader = {
+            let rx = raft.metrics();
+            let m = rx.borrow_watched();
+            m.current_leader.filter(|&l| l != m.id).and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+            })
+        };
+        let Some(leader) = leader.filter(|_| !heard.is_empty()) else {
+            continue;
+        };
+        if let Err(e) = peers.relay_heartbeats(&leader, &heard).await {
+            tracing::debug!(leader = %leader, error = %e, "heartbeat relay not delivered");
+        }
+    }
 }
 
 /// One round of the leader's duties: waits for the next tick, then acts if

@@ -69,6 +69,9 @@ pub(crate) const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a follower waits for the leader's answer to a forwarded write:
 /// the writer's own retry budget.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A heartbeat relay not taken within this is dropped; the next one, a
+/// relay interval later, carries newer heartbeats anyway.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One RPC to `addr`, bounded by `after`, its reply decoded.
 async fn call<T: DeserializeOwned>(
@@ -151,6 +154,17 @@ impl Peers {
             client.read_index(RaftPayload::default()),
         )
         .await
+    }
+
+    /// Passes node heartbeats this follower heard to the leader at `addr`.
+    pub async fn relay_heartbeats(
+        &self,
+        addr: &str,
+        heard: &[(String, u64)],
+    ) -> Result<(), NetError> {
+        let mut client = RaftClient::new(self.channel(addr)?);
+        let payload = encode(&heard)?;
+        call(addr, RELAY_TIMEOUT, client.relay_heartbeats(payload)).await
     }
 
     /// Sends a write to the leader on behalf of a follower.
@@ -487,11 +501,20 @@ impl std::fmt::Debug for PeerClient {
 pub struct RaftService {
     raft: Arc<Raft>,
     writes: crate::api::Writer,
+    heartbeats: crate::liveness::Heartbeats,
 }
 
 impl RaftService {
-    pub fn new(raft: Arc<Raft>, writes: crate::api::Writer) -> Self {
-        Self { raft, writes }
+    pub fn new(
+        raft: Arc<Raft>,
+        writes: crate::api::Writer,
+        heartbeats: crate::liveness::Heartbeats,
+    ) -> Self {
+        Self {
+            raft,
+            writes,
+            heartbeats,
+        }
     }
 }
 
@@ -615,6 +638,17 @@ impl raft_server::Raft for RaftService {
             .await
             .map_err(|e| Status::unavailable(format!("read index: {e}")))?;
         reply(&read_log_id.index())
+    }
+
+    /// Recorded whatever this replica's role: a follower about to lead
+    /// then already knows which nodes were alive.
+    async fn relay_heartbeats(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, Status> {
+        let heard: Vec<(String, u64)> = decode(req.get_ref()).map_err(bad)?;
+        self.heartbeats.record_relayed(&heard);
+        reply(&())
     }
 
     async fn transfer_leader(

@@ -251,7 +251,7 @@ impl Prober {
     }
 
     fn client(&self, addr: &str) -> Option<ResourcesClient<Channel>> {
-        let ep = strait_proto::tls::endpoint(addr).ok()?;
+        let ep = crate::control::endpoint(addr).ok()?;
         Some(ResourcesClient::new(self.transport.lazy(ep, None)))
     }
 

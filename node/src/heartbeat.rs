@@ -19,10 +19,8 @@ use crate::metrics::Metrics;
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
 fn client(addr: &str, transport: &Transport) -> Option<NodesClient<Channel>> {
-    let ep = strait_proto::tls::endpoint(addr).ok()?;
-    Some(NodesClient::new(
-        transport.lazy(ep.connect_timeout(Duration::from_secs(1)), None),
-    ))
+    let ep = crate::control::endpoint(addr).ok()?;
+    Some(NodesClient::new(transport.lazy(ep, None)))
 }
 
 /// Sends `name`'s heartbeat to every address until `stop`, with the

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod conns;
+pub mod control;
 pub mod dns;
 pub mod drain;
 pub mod forward;

@@ -78,6 +78,10 @@ pub struct StaticPods {
     node: String,
     control: Vec<String>,
     transport: Transport,
+    /// The replica in use (its index in `control`) and its client.
+    current: Option<(usize, ResourcesClient<Channel>)>,
+    /// Where the next connection attempt starts.
+    next: usize,
 }
 
 impl StaticPods {
@@ -87,54 +91,77 @@ impl StaticPods {
             node,
             control,
             transport,
+            current: None,
+            next: 0,
         }
     }
 
-    async fn client(&self) -> Option<ResourcesClient<Channel>> {
-        for addr in &self.control {
-            let Ok(ep) = strait_proto::tls::endpoint(addr) else {
+    /// The replica in use, else the first from `next` on that accepts a
+    /// connection.
+    async fn client(&mut self) -> Option<ResourcesClient<Channel>> {
+        if let Some((_, c)) = &self.current {
+            return Some(c.clone());
+        }
+        for k in 0..self.control.len() {
+            let i = (self.next + k) % self.control.len();
+            let Ok(ep) = crate::control::endpoint(&self.control[i]) else {
                 continue;
             };
             if let Ok(ch) = self.transport.connect(ep).await {
-                return Some(ResourcesClient::new(ch));
+                let c = ResourcesClient::new(ch);
+                self.current = Some((i, c.clone()));
+                return Some(c);
             }
         }
         None
+    }
+
+    /// After `status`, the next call goes to the next replica if this one
+    /// failed rather than refused (unreachable, gone silent, cut off from
+    /// the leader, stuck): asking it again on every scan would register
+    /// nothing for as long as it stays that way. True when it moved on.
+    fn failed(&mut self, status: &tonic::Status) -> bool {
+        use tonic::Code;
+        let replica_failed = matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+        );
+        if replica_failed && let Some((i, _)) = self.current.take() {
+            self.next = (i + 1) % self.control.len();
+        }
+        replica_failed
     }
 
     /// Static Pods of this node the control plane has now.
     async fn registered(
         &self,
         c: &mut ResourcesClient<Channel>,
-    ) -> Option<BTreeSet<(String, String)>> {
+    ) -> Result<BTreeSet<(String, String)>, tonic::Status> {
         let items = c
             .list(ListRequest {
                 kind: "Pod".into(),
                 namespace: String::new(),
                 consistency: 0,
             })
-            .await
-            .ok()?
+            .await?
             .into_inner()
             .items;
-        Some(
-            items
-                .iter()
-                .filter(|o| match &o.kind {
-                    Some(object::Kind::Pod(p)) => {
-                        p.spec.as_ref().is_some_and(|s| s.node_name == self.node)
-                            && p.metadata
-                                .as_ref()
-                                .is_some_and(|m| m.annotations.contains_key(SOURCE_ANNOTATION))
-                    }
-                    _ => false,
-                })
-                .map(|o| (o.namespace().to_string(), o.name().to_string()))
-                .collect(),
-        )
+        Ok(items
+            .iter()
+            .filter(|o| match &o.kind {
+                Some(object::Kind::Pod(p)) => {
+                    p.spec.as_ref().is_some_and(|s| s.node_name == self.node)
+                        && p.metadata
+                            .as_ref()
+                            .is_some_and(|m| m.annotations.contains_key(SOURCE_ANNOTATION))
+                }
+                _ => false,
+            })
+            .map(|o| (o.namespace().to_string(), o.name().to_string()))
+            .collect())
     }
 
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         // What was last applied from each file, to apply only changes.
         let mut applied: BTreeMap<(String, String), Object> = BTreeMap::new();
         let mut synced = false;
@@ -151,8 +178,13 @@ impl StaticPods {
             };
             if !synced {
                 // After a restart: forget nothing the directory lost meanwhile.
-                let Some(have) = self.registered(&mut c).await else {
-                    continue;
+                let have = match self.registered(&mut c).await {
+                    Ok(have) => have,
+                    Err(e) => {
+                        debug!(error = %e.message(), "static pods not listed; retrying");
+                        self.failed(&e);
+                        continue;
+                    }
                 };
                 for k in have.difference(&want.keys().cloned().collect()) {
                     applied.insert(k.clone(), Object::default());
@@ -174,7 +206,10 @@ impl StaticPods {
                         applied.insert(k.clone(), o.clone());
                     }
                     Err(e) => {
-                        warn!(pod = %k.1, error = %e.message(), "static pod not registered; retrying")
+                        warn!(pod = %k.1, error = %e.message(), "static pod not registered; retrying");
+                        if self.failed(&e) {
+                            break;
+                        }
                     }
                 }
             }
@@ -196,6 +231,9 @@ impl StaticPods {
                     Err(e) if e.code() == tonic::Code::NotFound => {}
                     Err(e) => {
                         warn!(pod = %k.1, error = %e.message(), "static pod not removed; retrying");
+                        if self.failed(&e) {
+                            break;
+                        }
                         continue;
                     }
                 }

@@ -32,7 +32,6 @@ pub const STATE_FILE: &str = "state.pb";
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a watch stream may carry nothing before its replica is taken as
 /// gone and the next one tried. Every replica sends progress at least every
@@ -205,13 +204,10 @@ impl Watcher {
         let clients = addrs
             .iter()
             .map(|addr| {
-                let ep = strait_proto::tls::endpoint(addr)
-                    .map_err(|source| WatchError::Address {
-                        addr: addr.clone(),
-                        source,
-                    })?
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true);
+                let ep = crate::control::endpoint(addr).map_err(|source| WatchError::Address {
+                    addr: addr.clone(),
+                    source,
+                })?;
                 Ok(ResourcesClient::new(transport.lazy(ep, None))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -551,3 +551,58 @@ pub fn names(objs: &[Object]) -> std::collections::BTreeSet<String> {
         .map(|o| o.name().to_string())
         .collect()
 }
+
+/// `strait get svc -w --output-watch-events` against `servers`, in order.
+pub struct CliWatch {
+    _child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// Names shown as ADDED, in order.
+    pub added: Vec<String>,
+}
+
+impl CliWatch {
+    pub async fn start(servers: &[std::net::SocketAddr]) -> CliWatch {
+        use tokio::io::AsyncBufReadExt;
+        let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+        let mut child = tokio::process::Command::new(BIN)
+            .env("STRAIT_INSECURE", "1")
+            .env("STRAIT_SERVER", servers.join(","))
+            .args(["get", "svc", "-w", "--output-watch-events"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn strait get -w");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut w = CliWatch {
+            _child: child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+            added: Vec::new(),
+        };
+        // The header once the list is done (the table starts empty, so
+        // "No resources found" goes to stderr and only the header prints).
+        let header = w.line().await;
+        assert!(header.starts_with("EVENT"), "{header}");
+        w
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(DEADLINE, self.lines.next_line())
+            .await
+            .expect("strait get -w printed nothing before the deadline")
+            .expect("read stdout")
+            .expect("strait get -w ended")
+    }
+
+    /// Reads rows until every name in `want` was shown as ADDED; a name
+    /// shown twice fails the test.
+    pub async fn added_until(&mut self, want: &[String]) {
+        while !want.iter().all(|n| self.added.contains(n)) {
+            let line = self.line().await;
+            let mut cells = line.split_whitespace();
+            let (event, name) = (cells.next(), cells.next().unwrap_or_default().to_string());
+            assert_eq!(event, Some("ADDED"), "{line}");
+            assert!(!self.added.contains(&name), "{name} shown twice: {line}");
+            self.added.push(name);
+        }
+    }
+}

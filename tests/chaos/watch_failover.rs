@@ -25,6 +25,8 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
     let first = w.next().await.expect("initial").expect("ok");
     assert!(first.initial);
     let mut last = first.revision;
+    // `strait get -w` beside it, on the same replica first.
+    let mut cli = CliWatch::start(&[c.replicas[&watched].real, c.replicas[&other].real]).await;
     write(&mut client, 0..10, &mut acked).await;
     follow(
         &mut w,
@@ -33,6 +35,7 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
         &mut seen,
     )
     .await;
+    cli.added_until(&names(0..10)).await;
     // The watched replica dies; resume on another from the last revision.
     c.kill(watched);
     write(&mut client, 10..20, &mut acked).await;
@@ -44,6 +47,9 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
         &mut seen,
     )
     .await;
+    // The CLI moved to the other replica by itself.
+    cli.added_until(&names(10..20)).await;
+    let added = cli.added.len();
     let seen_set: BTreeSet<u64> = seen.iter().copied().collect();
     assert_eq!(seen_set.len(), seen.len(), "duplicate revisions: {seen:?}");
     assert_eq!(
@@ -57,10 +63,14 @@ async fn watch_moves_to_another_replica_without_gap_or_duplicate() {
             seen.len() / 2
         ),
         &format!(
-            "{} revisions, none skipped, repeated or out of order",
+            "{} revisions, none skipped, repeated or out of order; `strait get -w` showed each of the {added} Services once",
             seen.len()
         ),
     );
+}
+
+fn names(range: std::ops::Range<u64>) -> Vec<String> {
+    range.map(|i| format!("w-{i}")).collect()
 }
 
 /// Applies Services `w-I` for I in `range`, recording acknowledged revisions.

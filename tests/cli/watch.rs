@@ -109,3 +109,180 @@ async fn watch_lists_resumes_and_reports_compaction() {
         }
     }
 }
+
+/// A running `strait get … -w`, its stdout read line by line.
+struct Watching {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Watching {
+    fn start(server: &str, args: &[&str]) -> Watching {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(BIN)
+            .env("STRAIT_INSECURE", "1")
+            .env("STRAIT_SERVER", server)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn strait get -w");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Watching { child, lines }
+    }
+
+    /// The next line, waiting up to the deadline.
+    fn next(&self) -> String {
+        self.lines
+            .recv_timeout(DEADLINE)
+            .expect("get -w printed no line before the deadline")
+    }
+
+    /// The event word and name of the next `n` rows, in the order printed.
+    fn rows(&self, n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .map(|_| {
+                let line = self.next();
+                let mut cells = line.split_whitespace();
+                let event = cells.next().unwrap_or_default().to_string();
+                let name = cells.next().unwrap_or_default().to_string();
+                (event, name)
+            })
+            .collect()
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn row(event: &str, name: &str) -> (String, String) {
+    (event.to_string(), name.to_string())
+}
+
+/// `get svc -w`: the table, then one row per change of the namespace's
+/// Services as it is committed; after a restart of the control plane that
+/// leaves the watcher too far behind to resume ("compacted"), it re-lists
+/// and shows what changed meanwhile, so nothing is missed.
+#[test]
+fn get_w_shows_every_change_and_catches_up_after_compaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = Control::start(dir.path(), &["--watch-history", "3"]);
+    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("a")));
+    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("b")));
+    let w = Watching::start(&c.addr, &["get", "svc", "-w", "--output-watch-events"]);
+    let header = w.next();
+    assert!(
+        header.starts_with("EVENT") && header.contains("NAME") && header.contains("CLUSTER-IP"),
+        "{header}"
+    );
+    assert_eq!(w.rows(2), vec![row("ADDED", "a"), row("ADDED", "b")]);
+
+    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("c")));
+    assert_eq!(w.rows(1), vec![row("ADDED", "c")]);
+    // Another namespace is not shown; a change and a deletion are.
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("elsewhere").replace("name: elsewhere", "name: elsewhere\n  namespace: other"),
+    ));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("c").replace("port: 80", "port: 81"),
+    ));
+    ok(c.cli(&["delete", "svc", "a"]));
+    assert_eq!(w.rows(2), vec![row("MODIFIED", "c"), row("DELETED", "a")]);
+
+    // The watcher stops; the control plane restarts and commits more
+    // changes than its 3-revision history keeps.
+    w.signal(libc::SIGSTOP);
+    c.restart();
+    for n in ["d", "e", "f"] {
+        ok(c.cli_stdin(&["apply", "-f", "-"], &svc(n)));
+    }
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("b").replace("port: 80", "port: 82"),
+    ));
+    ok(c.cli(&["delete", "svc", "c"]));
+    w.signal(libc::SIGCONT);
+    let mut caught_up = w.rows(5);
+    caught_up.sort();
+    assert_eq!(
+        caught_up,
+        vec![
+            row("ADDED", "d"),
+            row("ADDED", "e"),
+            row("ADDED", "f"),
+            row("DELETED", "c"),
+            row("MODIFIED", "b"),
+        ]
+    );
+    // And it follows live changes again.
+    ok(c.cli(&["delete", "svc", "d"]));
+    assert_eq!(w.rows(1), vec![row("DELETED", "d")]);
+}
+
+/// `get NAME -w` follows one object; a name that does not exist is
+/// kubectl's NotFound error; --output-watch-events needs -w.
+#[test]
+fn get_w_of_one_object_and_flag_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Control::start(dir.path(), &[]);
+    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("a")));
+    let err = fails(c.cli(&["get", "svc", "nope", "-w"]));
+    assert!(
+        err.contains("Error from server (NotFound): services \"nope\" not found"),
+        "{err}"
+    );
+    let err = fails(c.cli(&["get", "svc", "--output-watch-events"]));
+    assert!(err.contains("--watch"), "{err}");
+
+    let w = Watching::start(&c.addr, &["get", "svc", "a", "-w", "-o", "json"]);
+    let mut text = String::new();
+    let first = loop {
+        text.push_str(&w.next());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            break v;
+        }
+    };
+    assert_eq!(first["metadata"]["name"], "a");
+    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("b")));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        &svc("a").replace("port: 80", "port: 81"),
+    ));
+    text.clear();
+    let second = loop {
+        text.push_str(&w.next());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            break v;
+        }
+    };
+    assert_eq!(
+        second["metadata"]["name"], "a",
+        "only a is followed: {second}"
+    );
+    assert_eq!(second["spec"]["ports"][0]["port"], 81);
+}

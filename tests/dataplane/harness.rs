@@ -162,7 +162,18 @@ pub struct Node {
 
 impl Node {
     pub fn start(name: &str, net: &Net, control: &str, data_dir: &Path) -> Node {
-        let args = vec![
+        Self::start_with(name, net, control, data_dir, &[])
+    }
+
+    /// [`Node::start`] with `extra` flags.
+    pub fn start_with(
+        name: &str,
+        net: &Net,
+        control: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Node {
+        let mut args = vec![
             "node".to_string(),
             "--name".into(),
             name.into(),
@@ -173,6 +184,7 @@ impl Node {
             "--data-dir".into(),
             data_dir.to_str().expect("utf-8 path").into(),
         ];
+        args.extend(extra.iter().map(ToString::to_string));
         Node {
             child: Self::spawn(&args),
             args,
