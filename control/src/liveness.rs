@@ -37,39 +37,47 @@ pub const RELAY_EVERY: Duration = Duration::from_secs(1);
 pub struct Heartbeats {
     heard: Arc<Mutex<HashMap<String, (Instant, u64)>>>,
     /// Received directly since the last relay to the leader.
-    unrelayed: Arc<Mutex<HashMap<String, u64>>>,
+    unrelayed: Arc<Mutex<HashMap<String, (Instant, u64)>>>,
 }
+
+/// One relayed heartbeat: the node, the revision it reported, and how long
+/// before the relay the follower received it, so relaying does not make a
+/// node look more recently alive than it was.
+pub type Relayed = (String, u64, Duration);
 
 impl Heartbeats {
     fn record(&self, node: &str, applied_revision: u64) {
+        let heard = (Instant::now(), applied_revision);
         self.heard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), (Instant::now(), applied_revision));
+            .insert(node.to_string(), heard);
         self.unrelayed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), applied_revision);
+            .insert(node.to_string(), heard);
     }
 
-    /// Heartbeats another replica received and relayed here. Not relayed
-    /// again. A relayed revision is at most a relay interval old, so it
-    /// never moves a node's revision back.
-    pub fn record_relayed(&self, heard: &[(String, u64)]) {
+    /// Heartbeats another replica received and relayed here; not relayed
+    /// again. Each counts from when that replica received it, and only if
+    /// it is newer than the last one heard here.
+    pub fn record_relayed(&self, relayed: &[Relayed]) {
         let now = Instant::now();
         let mut map = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        for (node, applied_revision) in heard {
-            let revision = map
-                .get(node)
-                .map_or(*applied_revision, |(_, r)| (*r).max(*applied_revision));
-            map.insert(node.clone(), (now, revision));
+        for (node, applied_revision, age) in relayed {
+            let at = now.checked_sub(*age).unwrap_or(now);
+            if map.get(node).is_none_or(|(last, _)| *last < at) {
+                map.insert(node.clone(), (at, *applied_revision));
+            }
         }
     }
 
     /// The heartbeats received directly since the last call.
-    fn take_unrelayed(&self) -> Vec<(String, u64)> {
-        std::mem::take(&mut *self.unrelayed.lock().unwrap_or_else(|p| p.into_inner()))
+    fn take_unrelayed(&self) -> Vec<Relayed> {
+        let taken = std::mem::take(&mut *self.unrelayed.lock().unwrap_or_else(|p| p.into_inner()));
+        taken
             .into_iter()
+            .map(|(node, (at, revision))| (node, revision, at.elapsed()))
             .collect()
     }
 
@@ -313,5 +321,34 @@ async fn round(
                 tracing::warn!(node = %name, error = %e, "node readiness update failed; will retry")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relayed heartbeat counts from when the follower received it, and
+    /// never replaces a newer one.
+    #[test]
+    fn relayed_heartbeats_keep_their_age() {
+        let h = Heartbeats::default();
+        h.record("direct", 7);
+        let direct = h.last("direct").expect("recorded");
+        h.record_relayed(&[
+            ("direct".into(), 5, Duration::from_secs(2)),
+            ("relayed".into(), 9, Duration::from_secs(2)),
+        ]);
+        assert_eq!(h.last("direct"), Some(direct), "an older relay replaced it");
+        let relayed = h.last("relayed").expect("relayed recorded");
+        assert!(relayed.elapsed() >= Duration::from_secs(2));
+        let all = h.all();
+        assert_eq!(all[0].2, 7);
+        assert_eq!(all[1].2, 9);
+        // Only what this replica heard itself is relayed on, once.
+        let out = h.take_unrelayed();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0.as_str(), out[0].1), ("direct", 7));
+        assert!(h.take_unrelayed().is_empty());
     }
 }

@@ -160,7 +160,7 @@ impl Peers {
     pub async fn relay_heartbeats(
         &self,
         addr: &str,
-        heard: &[(String, u64)],
+        heard: &[crate::liveness::Relayed],
     ) -> Result<(), NetError> {
         let mut client = RaftClient::new(self.channel(addr)?);
         let payload = encode(&heard)?;
@@ -646,7 +646,7 @@ impl raft_server::Raft for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<tonic::Response<RaftPayload>, Status> {
-        let heard: Vec<(String, u64)> = decode(req.get_ref()).map_err(bad)?;
+        let heard: Vec<crate::liveness::Relayed> = decode(req.get_ref()).map_err(bad)?;
         self.heartbeats.record_relayed(&heard);
         reply(&())
     }
