@@ -11,6 +11,7 @@ use clap::Args;
 use strait_proto::tls::{TlsFiles, Transport};
 use strait_proto::v1::cluster_client::ClusterClient;
 use strait_proto::v1::resources_client::ResourcesClient;
+use strait_proto::v1::{GetRequest, GetResponse, ListRequest, ListResponse};
 use tonic::transport::Channel;
 
 /// mTLS material, or the explicit choice of plaintext.
@@ -201,6 +202,26 @@ impl Session<'_> {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call(true, call).await
+    }
+
+    /// `Resources.Get`; a replica's refusal is the operator's error.
+    pub async fn get(&mut self, req: GetRequest) -> anyhow::Result<GetResponse> {
+        self.read(|mut rpc| {
+            let req = req.clone();
+            async move { rpc.get(req).await }
+        })
+        .await?
+        .map_err(server_error)
+    }
+
+    /// `Resources.List`; a replica's refusal is the operator's error.
+    pub async fn list(&mut self, req: ListRequest) -> anyhow::Result<ListResponse> {
+        self.read(|mut rpc| {
+            let req = req.clone();
+            async move { rpc.list(req).await }
+        })
+        .await?
+        .map_err(server_error)
     }
 
     /// A call that changes state: sent again only where it surely was not

@@ -204,16 +204,7 @@ impl Get<'_> {
                     name: n.to_string(),
                     consistency,
                 };
-                session
-                    .read(|mut rpc| {
-                        let req = req.clone();
-                        async move { rpc.get(req).await }
-                    })
-                    .await?
-                    .map_err(server_error)?
-                    .object
-                    .into_iter()
-                    .collect()
+                session.get(req).await?.object.into_iter().collect()
             }
             None => {
                 let req = ListRequest {
@@ -221,14 +212,7 @@ impl Get<'_> {
                     namespace: ns.clone(),
                     consistency,
                 };
-                session
-                    .read(|mut rpc| {
-                        let req = req.clone();
-                        async move { rpc.list(req).await }
-                    })
-                    .await?
-                    .map_err(server_error)?
-                    .items
+                session.list(req).await?.items
             }
         };
         match format {
@@ -301,12 +285,8 @@ pub async fn describe(
         consistency: 0,
     };
     let o = session
-        .read(|mut rpc| {
-            let req = req.clone();
-            async move { rpc.get(req).await }
-        })
+        .get(req)
         .await?
-        .map_err(server_error)?
         .object
         .ok_or_else(|| anyhow!("server returned no object"))?;
     match &o.kind {
@@ -317,12 +297,8 @@ pub async fn describe(
                 consistency: 0,
             };
             let slices: Vec<Object> = session
-                .read(|mut rpc| {
-                    let req = req.clone();
-                    async move { rpc.list(req).await }
-                })
+                .list(req)
                 .await?
-                .map_err(server_error)?
                 .items
                 .into_iter()
                 .filter(|e| {

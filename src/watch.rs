@@ -118,26 +118,14 @@ impl Watch<'_> {
                 name: name.to_string(),
                 consistency: self.consistency,
             };
-            session
-                .read(|mut rpc| {
-                    let req = req.clone();
-                    async move { rpc.get(req).await }
-                })
-                .await?
-                .map_err(server_error)?;
+            session.get(req).await?;
         }
         let req = ListRequest {
             kind: self.kind.to_string(),
             namespace: self.namespace.clone(),
             consistency: self.consistency,
         };
-        let list = session
-            .read(|mut rpc| {
-                let req = req.clone();
-                async move { rpc.list(req).await }
-            })
-            .await?
-            .map_err(server_error)?;
+        let list = session.list(req).await?;
         Ok((list.items, list.revision))
     }
 
