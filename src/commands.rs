@@ -164,13 +164,16 @@ pub struct Get<'a> {
 
 impl Get<'_> {
     /// The namespace asked for; empty for every namespace and for
-    /// cluster-scoped kinds.
-    fn scope(&self, kind: Kind) -> String {
-        if self.all_namespaces {
+    /// cluster-scoped kinds. A name with `-A` is kubectl's error.
+    fn scope(&self, kind: Kind) -> anyhow::Result<String> {
+        if self.all_namespaces && self.name.is_some() {
+            bail!("a resource cannot be retrieved by name across all namespaces");
+        }
+        Ok(if self.all_namespaces {
             String::new()
         } else {
             namespace_for(kind, self.namespace)
-        }
+        })
     }
 
     /// `get -w`: see [`crate::watch`].
@@ -179,7 +182,7 @@ impl Get<'_> {
         crate::watch::Watch {
             kind,
             name: self.name,
-            namespace: self.scope(kind),
+            namespace: self.scope(kind)?,
             all_namespaces: self.all_namespaces,
             format: self.format,
             consistency: self.consistency.into(),
@@ -194,7 +197,7 @@ impl Get<'_> {
         let kind = parse_kind(self.kind)?;
         let (name, all, format) = (self.name, self.all_namespaces, self.format);
         let mut session = client.session()?;
-        let ns = self.scope(kind);
+        let ns = self.scope(kind)?;
         let consistency: i32 = self.consistency.into();
         let items: Vec<Object> = match name {
             Some(n) => {

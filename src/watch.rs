@@ -37,14 +37,17 @@ pub struct Watch<'a> {
 /// so replicas that keep refusing are not called in a tight loop.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a batch of node rows waits for the nodes' progress columns.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Objects shown so far, by namespace and name: what a re-list is compared
 /// with.
 type Shown = BTreeMap<(String, String), Object>;
 
 impl Watch<'_> {
-    /// Shows the current objects, then changes until the output is closed
-    /// or no replica can be reached.
+    /// Shows the current objects, then changes, until the output is closed
+    /// or a replica refuses the watch (a refusal that another try cannot
+    /// change). A control plane that cannot be reached is waited for.
     pub async fn run(&self, client: &Client) -> anyhow::Result<()> {
         let mut session = client.session()?;
         let mut printer = Printer::new(self, client);
@@ -55,56 +58,61 @@ impl Watch<'_> {
             first.push((EventType::Added, o.clone()));
             shown.insert(key(&o), o);
         }
-        if !printer.initial(&first).await {
+        if !printer.initial(&first).await? {
             return Ok(());
         }
         let mut backoff = FIRST_BACKOFF;
+        let mut outage = false;
         loop {
             let req = WatchRequest {
                 kinds: vec![self.kind.to_string()],
                 revision: from,
             };
-            let mut stream = match session
+            let opened = session
                 .read(|mut rpc| {
                     let req = req.clone();
                     async move { rpc.watch(req).await }
                 })
-                .await?
-            {
-                Ok(s) => s,
-                Err(status) if compacted(&status) => {
+                .await;
+            let ended = match opened {
+                Ok(Ok(mut stream)) => loop {
+                    match tokio::time::timeout(WATCH_SILENCE, stream.message()).await {
+                        Ok(Ok(Some(resp))) => {
+                            (backoff, outage) = (FIRST_BACKOFF, false);
+                            from = resp.revision;
+                            let changes = self.changes(resp, &mut shown);
+                            if !printer.changes(&changes).await? {
+                                return Ok(());
+                            }
+                        }
+                        // The replica ended the stream (shutting down) or
+                        // sent nothing, not even its progress ticks, for
+                        // too long.
+                        Ok(Ok(None)) | Err(_) => break None,
+                        Ok(Err(status)) => break Some(status),
+                    }
+                },
+                // Every replica refused to open it, or the last one did.
+                Ok(Err(status)) => Some(status),
+                Err(unreachable) => {
+                    if !outage {
+                        eprintln!("{unreachable:#}; the watch resumes when one answers");
+                        outage = true;
+                    }
+                    None
+                }
+            };
+            match ended {
+                Some(s) if compacted(&s) => {
                     from = 0;
                     continue;
                 }
-                Err(status) => return Err(server_error(status)),
-            };
-            loop {
-                let status = match tokio::time::timeout(WATCH_SILENCE, stream.message()).await {
-                    Ok(Ok(Some(resp))) => {
-                        backoff = FIRST_BACKOFF;
-                        from = resp.revision;
-                        let changes = self.changes(resp, &mut shown);
-                        if !printer.changes(&changes).await {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    // The replica ended the stream (shutting down) or sent
-                    // nothing, not even its progress ticks, for too long.
-                    Ok(Ok(None)) | Err(_) => None,
-                    Ok(Err(status)) => Some(status),
-                };
-                match status {
-                    Some(s) if compacted(&s) => from = 0,
-                    Some(s) if !resumable(&s) => return Err(server_error(s)),
-                    _ => {
-                        session.leave();
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-                break;
+                Some(s) if !resumable(&s) => return Err(server_error(s)),
+                _ => {}
             }
+            session.leave();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -149,6 +157,11 @@ impl Watch<'_> {
                 let k = key(&o);
                 match before.remove(&k) {
                     None => out.push((EventType::Added, o.clone())),
+                    // Deleted and created again meanwhile.
+                    Some(old) if uid(&old) != uid(&o) => {
+                        out.push((EventType::Deleted, old));
+                        out.push((EventType::Added, o.clone()));
+                    }
                     Some(old) if resource_version(&old) != resource_version(&o) => {
                         out.push((EventType::Modified, o.clone()))
                     }
@@ -181,6 +194,10 @@ fn key(o: &Object) -> (String, String) {
 
 fn resource_version(o: &Object) -> &str {
     o.metadata().map_or("", |m| m.resource_version.as_str())
+}
+
+fn uid(o: &Object) -> &str {
+    o.metadata().map_or("", |m| m.uid.as_str())
 }
 
 fn compacted(status: &tonic::Status) -> bool {
@@ -232,7 +249,7 @@ impl<'a> Printer<'a> {
         }
     }
 
-    async fn initial(&mut self, objects: &[(EventType, Object)]) -> bool {
+    async fn initial(&mut self, objects: &[(EventType, Object)]) -> anyhow::Result<bool> {
         if objects.is_empty() && self.is_table() {
             output::no_resources(&self.watch.namespace);
         }
@@ -250,14 +267,14 @@ impl<'a> Printer<'a> {
             );
             self.widths = output::widths(&rows, &[]);
             let text: String = rows.iter().map(|r| output::line(r, &self.widths)).collect();
-            return emit(&text);
+            return Ok(emit(&text));
         }
         self.documents(objects)
     }
 
-    async fn changes(&mut self, changes: &[(EventType, Object)]) -> bool {
+    async fn changes(&mut self, changes: &[(EventType, Object)]) -> anyhow::Result<bool> {
         if changes.is_empty() {
-            return true;
+            return Ok(true);
         }
         if !self.is_table() {
             return self.documents(changes);
@@ -268,7 +285,7 @@ impl<'a> Printer<'a> {
             .filter_map(|(e, o)| self.row(*e, o, &progress))
             .map(|r| output::line(&r, &output::widths(std::slice::from_ref(&r), &self.widths)))
             .collect();
-        emit(&text)
+        Ok(emit(&text))
     }
 
     fn is_table(&self) -> bool {
@@ -283,39 +300,36 @@ impl<'a> Printer<'a> {
         Some(cells)
     }
 
-    /// Nodes' APPLIED-REVISION and LAG, asked for each batch of rows.
+    /// Nodes' APPLIED-REVISION and LAG, asked for each batch of rows; left
+    /// out (`<none>`) rather than holding the rows back when the answer is
+    /// slow.
     async fn progress(&self) -> NodeProgress {
-        if self.watch.kind == Kind::Node {
-            node_progress(self.client).await
-        } else {
-            NodeProgress::default()
+        if self.watch.kind != Kind::Node {
+            return NodeProgress::default();
         }
+        tokio::time::timeout(PROGRESS_TIMEOUT, node_progress(self.client))
+            .await
+            .unwrap_or_default()
     }
 
     /// `-o json`: one object (or `{type, object}`) after another; `-o yaml`:
     /// the same as YAML documents.
-    fn documents(&self, objects: &[(EventType, Object)]) -> bool {
+    fn documents(&self, objects: &[(EventType, Object)]) -> anyhow::Result<bool> {
         let mut text = String::new();
         for (event, o) in objects {
             let mut v = output::manifest(o);
             if self.watch.events {
                 v = serde_json::json!({"type": event_word(*event), "object": v});
             }
-            let doc = match self.watch.format {
-                Some(Format::Json) => serde_json::to_string_pretty(&v)
-                    .map(|s| s + "\n")
-                    .context("encoding JSON"),
-                _ => output::to_yaml(&v).map(|s| format!("---\n{s}")),
-            };
-            match doc {
-                Ok(d) => text.push_str(&d),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return false;
-                }
+            if self.watch.format == Some(Format::Json) {
+                text.push_str(&serde_json::to_string_pretty(&v).context("encoding JSON")?);
+                text.push('\n');
+            } else {
+                text.push_str("---\n");
+                text.push_str(&output::to_yaml(&v).context("encoding YAML")?);
             }
         }
-        emit(&text)
+        Ok(emit(&text))
     }
 }
 

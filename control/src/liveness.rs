@@ -65,14 +65,19 @@ impl Heartbeats {
         let now = Instant::now();
         let mut map = self.heard.lock().unwrap_or_else(|p| p.into_inner());
         for (node, applied_revision, age) in relayed {
-            let at = now.checked_sub(*age).unwrap_or(now);
+            // An age older than this clock can express is no news.
+            let Some(at) = now.checked_sub(*age) else {
+                continue;
+            };
             if map.get(node).is_none_or(|(last, _)| *last < at) {
                 map.insert(node.clone(), (at, *applied_revision));
             }
         }
     }
 
-    /// The heartbeats received directly since the last call.
+    /// The heartbeats received directly since the last call, each with its
+    /// age now. The relay's own transit (at most its 1 s timeout) is not
+    /// counted, far inside any grace period.
     fn take_unrelayed(&self) -> Vec<Relayed> {
         let taken = std::mem::take(&mut *self.unrelayed.lock().unwrap_or_else(|p| p.into_inner()));
         taken

@@ -166,7 +166,7 @@ impl StaticPods {
         let mut applied: BTreeMap<(String, String), Object> = BTreeMap::new();
         let mut synced = false;
         let mut tick = tokio::time::interval(SCAN_EVERY);
-        loop {
+        'scan: loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
@@ -208,7 +208,7 @@ impl StaticPods {
                     Err(e) => {
                         warn!(pod = %k.1, error = %e.message(), "static pod not registered; retrying");
                         if self.failed(&e) {
-                            break;
+                            continue 'scan;
                         }
                     }
                 }
@@ -232,7 +232,7 @@ impl StaticPods {
                     Err(e) => {
                         warn!(pod = %k.1, error = %e.message(), "static pod not removed; retrying");
                         if self.failed(&e) {
-                            break;
+                            continue 'scan;
                         }
                         continue;
                     }

@@ -578,8 +578,7 @@ impl CliWatch {
             lines: tokio::io::BufReader::new(stdout).lines(),
             added: Vec::new(),
         };
-        // The header once the list is done (the table starts empty, so
-        // "No resources found" goes to stderr and only the header prints).
+        // The header once the list is done (rows for what exists follow).
         let header = w.line().await;
         assert!(header.starts_with("EVENT"), "{header}");
         w

@@ -121,11 +121,11 @@ async fn a_node_agent_moves_off_a_replica_gone_silent() {
     report::row(
         "replica gone silent",
         &format!(
-            "the node agent's and `strait get -w`'s replica cut off by dropped packets; `get -w` showed a Service created meanwhile after {} ms, and it forwarded after {} ms; a static Pod written then registered {} ms later",
+            "the node agent's and `strait get -w`'s replica (the leader) cut off by dropped packets; `get -w` showed a Service created meanwhile after {} ms, and it forwarded after {} ms; a static Pod written then registered {} ms later",
             cli_after.as_millis(),
             moved_after.as_millis(),
             registered_after.as_millis()
         ),
-        "the agent's quiet watch (nothing for 20 s, progress is every 5 s) and the CLI's (unanswered keepalive PINGs) moved to another replica; forwarding never stopped",
+        "the agent's and the CLI's connections (unanswered keepalive PINGs) moved to another replica; forwarding never stopped; the node stayed Ready on relayed heartbeats",
     );
 }
