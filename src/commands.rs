@@ -15,6 +15,7 @@ use strait_proto::v1::{
 
 use crate::client::{Client, server_error};
 use crate::output::{self, Format};
+use crate::selector::Selector;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum ConsistencyArg {
@@ -159,15 +160,19 @@ pub struct Get<'a> {
     pub namespace: Option<&'a str>,
     pub all_namespaces: bool,
     pub format: Option<Format>,
+    pub selector: Option<&'a Selector>,
     pub consistency: ConsistencyArg,
 }
 
 impl Get<'_> {
     /// The namespace asked for; empty for every namespace and for
-    /// cluster-scoped kinds. A name with `-A` is kubectl's error.
+    /// cluster-scoped kinds. A name with `-A` or `-l` is kubectl's error.
     fn scope(&self, kind: Kind) -> anyhow::Result<String> {
         if self.all_namespaces && self.name.is_some() {
             bail!("a resource cannot be retrieved by name across all namespaces");
+        }
+        if self.selector.is_some() && self.name.is_some() {
+            bail!("name cannot be provided when a selector is specified");
         }
         Ok(if self.all_namespaces {
             String::new()
@@ -185,6 +190,7 @@ impl Get<'_> {
             namespace: self.scope(kind)?,
             all_namespaces: self.all_namespaces,
             format: self.format,
+            selector: self.selector,
             consistency: self.consistency.into(),
             events,
         }
@@ -199,7 +205,7 @@ impl Get<'_> {
         let mut session = client.session()?;
         let ns = self.scope(kind)?;
         let consistency: i32 = self.consistency.into();
-        let items: Vec<Object> = match name {
+        let mut items: Vec<Object> = match name {
             Some(n) => {
                 let req = GetRequest {
                     kind: kind.to_string(),
@@ -218,6 +224,9 @@ impl Get<'_> {
                 session.list(req).await?.items
             }
         };
+        if let Some(sel) = self.selector {
+            items.retain(|o| sel.selects(o));
+        }
         match format {
             Some(Format::Yaml) | Some(Format::Json) => {
                 let values: Vec<serde_json::Value> = items.iter().map(output::manifest).collect();

@@ -10,6 +10,7 @@ mod demo;
 mod dev;
 mod node;
 mod output;
+mod selector;
 mod systemd;
 mod telemetry;
 mod watch;
@@ -79,6 +80,10 @@ enum Command {
         /// Output format: wide, yaml or json.
         #[arg(short = 'o', long)]
         output: Option<output::Format>,
+        /// Only objects whose labels match, in Kubernetes' syntax:
+        /// `app=web,tier!=db`, `env in (a,b)`, `env notin (c)`, `canary`, `!canary`.
+        #[arg(short = 'l', long)]
+        selector: Option<selector::Selector>,
         /// Read the contacted replica's state without a read-index round trip.
         #[arg(long, value_enum, default_value_t = commands::ConsistencyArg::Linearizable)]
         consistency: commands::ConsistencyArg,
@@ -154,6 +159,7 @@ async fn main() -> ExitCode {
             namespace,
             all_namespaces,
             output,
+            selector,
             consistency,
             watch,
             output_watch_events,
@@ -164,6 +170,7 @@ async fn main() -> ExitCode {
                 namespace: namespace.as_deref(),
                 all_namespaces,
                 format: output,
+                selector: selector.as_ref(),
                 consistency,
             };
             if watch {

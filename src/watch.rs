@@ -17,6 +17,7 @@ use strait_proto::v1::{EventType, GetRequest, ListRequest, Object, WatchRequest,
 use crate::client::{Client, Session, server_error};
 use crate::commands::node_progress;
 use crate::output::{self, Columns, Format, NodeProgress};
+use crate::selector::Selector;
 
 /// What `get -w` follows and how it shows it.
 pub struct Watch<'a> {
@@ -26,6 +27,8 @@ pub struct Watch<'a> {
     pub namespace: String,
     pub all_namespaces: bool,
     pub format: Option<Format>,
+    /// `-l`: only objects whose labels match.
+    pub selector: Option<&'a Selector>,
     pub consistency: i32,
     /// An EVENT column (ADDED, MODIFIED, DELETED); with `-o yaml|json`,
     /// each object wrapped as `{type, object}`, as kubectl's
@@ -140,7 +143,9 @@ impl Watch<'_> {
     /// Whether `o` is one of the objects asked for.
     fn selects(&self, o: &Object) -> bool {
         let in_namespace = self.namespace.is_empty() || o.namespace() == self.namespace;
-        in_namespace && self.name.is_none_or(|n| o.name() == n)
+        in_namespace
+            && self.name.is_none_or(|n| o.name() == n)
+            && self.selector.is_none_or(|s| s.selects(o))
     }
 
     /// The changes one response makes to what was shown. A response marked
@@ -172,17 +177,25 @@ impl Watch<'_> {
             out.extend(before.into_values().map(|o| (EventType::Deleted, o)));
             return out;
         }
+        // What was shown decides the event, as the apiserver's filtered
+        // watch does: an object that comes to match the selection is ADDED,
+        // one that stops matching is DELETED (in its last shown state).
         for e in resp.events {
-            let Some(o) = e.object.filter(|o| self.selects(o)) else {
-                continue;
-            };
-            let event = EventType::try_from(e.r#type).unwrap_or(EventType::Modified);
-            if event == EventType::Deleted {
-                shown.remove(&key(&o));
-            } else {
-                shown.insert(key(&o), o.clone());
+            let Some(o) = e.object else { continue };
+            let deleted = e.r#type == EventType::Deleted as i32;
+            let k = key(&o);
+            let was_shown = shown.contains_key(&k);
+            if !deleted && self.selects(&o) {
+                let event = if was_shown {
+                    EventType::Modified
+                } else {
+                    EventType::Added
+                };
+                shown.insert(k, o.clone());
+                out.push((event, o));
+            } else if let Some(old) = shown.remove(&k) {
+                out.push((EventType::Deleted, if deleted { o } else { old }));
             }
-            out.push((event, o));
         }
         out
     }

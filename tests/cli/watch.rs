@@ -296,3 +296,68 @@ fn get_w_of_one_object_and_flag_errors() {
     );
     assert_eq!(second["spec"]["ports"][0]["port"], 81);
 }
+
+fn labeled(name: &str, labels: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n  ports:\n  - port: {port}\n"
+    )
+}
+
+fn names_in(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+/// `get -l` in Kubernetes' selector syntax; with `-w`, an object that comes
+/// to match is ADDED and one that stops matching is DELETED, as the
+/// apiserver's filtered watch reports them.
+#[test]
+fn get_l_selects_by_labels_and_w_follows_the_selection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Control::start(dir.path(), &[]);
+    ok(c.cli_stdin(&["apply", "-f", "-"], &labeled("a", "app: web", 80)));
+    ok(c.cli_stdin(&["apply", "-f", "-"], &labeled("b", "app: db", 80)));
+    ok(c.cli_stdin(&["apply", "-f", "-"], &labeled("c", "", 80)));
+    for (sel, want) in [
+        ("app=web", vec!["a"]),
+        ("app!=web", vec!["b", "c"]),
+        ("app in (web, db)", vec!["a", "b"]),
+        ("!app", vec!["c"]),
+        ("app,app notin (db)", vec!["a"]),
+    ] {
+        assert_eq!(
+            names_in(&ok(c.cli(&["get", "svc", "-l", sel]))),
+            want,
+            "{sel}"
+        );
+    }
+    let err = fails(c.cli(&["get", "svc", "-l", "app=we b"]));
+    assert!(
+        err.contains("unable to parse requirement: \"app=we b\": invalid label value"),
+        "{err}"
+    );
+    let err = fails(c.cli(&["get", "svc", "a", "-l", "app=web"]));
+    assert!(
+        err.contains("name cannot be provided when a selector is specified"),
+        "{err}"
+    );
+
+    let w = Watching::start(
+        &c.addr,
+        &["get", "svc", "-l", "app=web", "-w", "--output-watch-events"],
+    );
+    assert!(w.next().starts_with("EVENT"));
+    assert_eq!(w.rows(1), vec![row("ADDED", "a")]);
+    ok(c.cli_stdin(&["apply", "-f", "-"], &labeled("b", "app: web", 80)));
+    ok(c.cli_stdin(&["apply", "-f", "-"], &labeled("a", "app: other", 80)));
+    ok(c.cli_stdin(&["apply", "-f", "-"], &labeled("c", "app: db", 81)));
+    ok(c.cli_stdin(&["apply", "-f", "-"], &labeled("b", "app: web", 82)));
+    assert_eq!(
+        w.rows(3),
+        vec![row("ADDED", "b"), row("DELETED", "a"), row("MODIFIED", "b")]
+    );
+}
