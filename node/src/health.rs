@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -225,8 +226,12 @@ fn probe_kind(probe: &Probe) -> &'static str {
 pub struct Prober {
     node: String,
     node_ip: IpAddr,
-    control: Vec<String>,
-    transport: Transport,
+    /// One lazily connected client per `--control` replica, kept for the
+    /// agent's life, so a status write reuses a connection.
+    clients: Vec<(String, ResourcesClient<Channel>)>,
+    /// The replica the last status write went through: the next starts
+    /// there instead of waiting on a dead first replica every time.
+    preferred: AtomicUsize,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -234,12 +239,21 @@ pub struct Prober {
 type Pods = Arc<Mutex<BTreeMap<Key, Pod>>>;
 
 impl Prober {
+    /// Addresses that do not parse are left out (the watch client reports
+    /// them at startup).
     pub fn new(node: String, node_ip: IpAddr, control: Vec<String>, transport: Transport) -> Self {
+        let clients = control
+            .into_iter()
+            .filter_map(|addr| {
+                let ep = crate::control::endpoint(&addr).ok()?;
+                Some((addr, ResourcesClient::new(transport.lazy(ep, None))))
+            })
+            .collect();
         Self {
             node,
             node_ip,
-            control,
-            transport,
+            clients,
+            preferred: AtomicUsize::new(0),
             metrics: Arc::default(),
         }
     }
@@ -250,11 +264,6 @@ impl Prober {
         self
     }
 
-    fn client(&self, addr: &str) -> Option<ResourcesClient<Channel>> {
-        let ep = crate::control::endpoint(addr).ok()?;
-        Some(ResourcesClient::new(self.transport.lazy(ep, None)))
-    }
-
     /// Follows this node's Pods and keeps one probe task per probed Pod.
     pub async fn run(self, stop: CancellationToken) {
         let pods: Pods = Arc::default();
@@ -263,11 +272,11 @@ impl Prober {
         let mut attempt = 0usize;
         let mut backoff = Duration::from_millis(200);
         while !stop.is_cancelled() {
-            let addr = this.control[attempt % this.control.len().max(1)].clone();
-            attempt += 1;
-            let Some(mut client) = this.client(&addr) else {
-                break;
+            let Some((addr, client)) = this.clients.get(attempt % this.clients.len().max(1)) else {
+                return;
             };
+            let (addr, mut client) = (addr.clone(), client.clone());
+            attempt += 1;
             let stream = tokio::time::timeout(
                 crate::watch::WATCH_SILENCE,
                 client.watch(WatchRequest {
@@ -365,16 +374,18 @@ impl Prober {
             message: why.into(),
             ..Default::default()
         });
-        for addr in &self.control {
-            let Some(mut c) = self.client(addr) else {
-                continue;
-            };
+        let first = self.preferred.load(Ordering::Relaxed);
+        for i in (0..self.clients.len()).map(|k| (first + k) % self.clients.len()) {
+            let (addr, mut c) = (&self.clients[i].0, self.clients[i].1.clone());
             let mut req = tonic::Request::new(ApplyRequest {
                 object: Some(p.clone().into()),
             });
             req.set_timeout(Duration::from_secs(5));
             match c.apply(req).await {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return true;
+                }
                 // Someone changed the Pod: the watch brings the new version.
                 Err(s) if s.code() == tonic::Code::Aborted => return false,
                 Err(s) if s.code() == tonic::Code::NotFound => return true,
