@@ -94,6 +94,9 @@ fn home_files() -> Option<TlsFiles> {
 pub struct Client {
     servers: Vec<String>,
     tls: TlsArgs,
+    /// How long a call waits for its answer (`--request-timeout`); zero:
+    /// no limit.
+    request_timeout: Duration,
 }
 
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -107,20 +110,24 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Client {
-    pub fn new(servers: Vec<String>, tls: TlsArgs) -> Self {
-        Self { servers, tls }
+    pub fn new(servers: Vec<String>, tls: TlsArgs, request_timeout: Duration) -> Self {
+        Self {
+            servers,
+            tls,
+            request_timeout,
+        }
     }
 
-    /// The same credentials towards other replicas.
+    /// The same credentials and timeout towards other replicas.
     pub fn with_servers(&self, servers: Vec<String>) -> Self {
-        Self::new(servers, self.tls.clone())
+        Self::new(servers, self.tls.clone(), self.request_timeout)
     }
 
     async fn channel(&self) -> anyhow::Result<Channel> {
         let transport = self.tls.cli_transport()?;
         let mut last = None;
         for s in &self.servers {
-            match connect(&transport, s).await {
+            match connect(&transport, s, self.request_timeout).await {
                 Ok(ch) => return Ok(ch),
                 Err(e) => last = Some(e),
             }
@@ -143,8 +150,12 @@ impl Client {
     }
 }
 
-async fn connect(transport: &Transport, server: &str) -> anyhow::Result<Channel> {
-    let ep = strait_proto::tls::endpoint(server)
+async fn connect(
+    transport: &Transport,
+    server: &str,
+    request_timeout: Duration,
+) -> anyhow::Result<Channel> {
+    let mut ep = strait_proto::tls::endpoint(server)
         .with_context(|| format!("invalid server address {server:?}"))?
         .connect_timeout(Duration::from_secs(2))
         // A replica that accepts connections but no longer answers (a
@@ -152,8 +163,10 @@ async fn connect(transport: &Transport, server: &str) -> anyhow::Result<Channel>
         // not at the end of the call's timeout.
         .http2_keep_alive_interval(KEEPALIVE_EVERY)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .timeout(Duration::from_secs(30));
+        .keep_alive_while_idle(true);
+    if !request_timeout.is_zero() {
+        ep = ep.timeout(request_timeout);
+    }
     transport
         .connect(ep)
         .await
@@ -252,7 +265,8 @@ impl Session<'_> {
             let i = (first + k) % servers.len();
             let rpc = match &self.current {
                 Some((j, rpc)) if *j == i => rpc.clone(),
-                _ => match connect(&self.transport, &servers[i]).await {
+                _ => match connect(&self.transport, &servers[i], self.client.request_timeout).await
+                {
                     Ok(ch) => {
                         let rpc = resources_client(ch);
                         self.current = Some((i, rpc.clone()));
@@ -285,8 +299,17 @@ impl Session<'_> {
 /// could not be made, or any broken connection for a read.
 fn try_elsewhere(status: &tonic::Status, idempotent: bool) -> bool {
     use std::error::Error;
-    status.code() == tonic::Code::Unavailable
-        && (status.source().is_none() || idempotent || strait_proto::tls::connect_failed(status))
+    let unavailable = status.code() == tonic::Code::Unavailable
+        && (status.source().is_none() || idempotent || strait_proto::tls::connect_failed(status));
+    unavailable || (idempotent && timed_out(status))
+}
+
+/// Whether the call's `--request-timeout` ran out: tonic's own status for
+/// it, made on this side (`CANCELLED`, "Timeout expired"), not a replica's
+/// answer.
+fn timed_out(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled
+        && status.message() == tonic::TimeoutExpired(()).to_string()
 }
 
 /// An error and its causes on one line (tonic's top level says only
@@ -339,6 +362,14 @@ pub fn reason(status: &tonic::Status) -> &'static str {
 /// cause) says what failed instead of posing as a server answer.
 pub fn server_error(status: tonic::Status) -> anyhow::Error {
     use std::error::Error;
+    if timed_out(&status) {
+        return anyhow!(
+            "the control plane gave no answer within --request-timeout. The replica accepted \
+             the call and its connection is alive (it answers HTTP/2 PINGs), so it is \
+             overloaded or stuck; its log may say why. A write sent to it may or may not have \
+             been applied: read the object before retrying"
+        );
+    }
     if let Some(cause) = status.source() {
         if stopped_answering(cause) {
             return anyhow!(

@@ -35,6 +35,18 @@ struct Cli {
     )]
     server: Vec<String>,
 
+    /// How long the CLI waits for a replica's answer to a call ("0": no
+    /// limit); a read then moves to the next replica. For `get -w`, the
+    /// time to open the watch.
+    #[arg(
+        long,
+        global = true,
+        env = "STRAIT_REQUEST_TIMEOUT",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    request_timeout: std::time::Duration,
+
     /// Log as JSON lines instead of text.
     #[arg(long, global = true, env = "STRAIT_LOG_JSON")]
     log_json: bool,
@@ -132,7 +144,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = client::Client::new(cli.server.clone(), cli.tls.clone());
+    let client = client::Client::new(cli.server.clone(), cli.tls.clone(), cli.request_timeout);
     let service = match &cli.command {
         Command::Control(_) => Some("strait-control"),
         Command::Node(_) => Some("strait-node"),

@@ -640,6 +640,89 @@ fn a_replica_that_stopped_answering_is_named_as_such() {
     );
 }
 
+/// A replica whose handlers never answer, though its connection is alive
+/// (it answers HTTP/2 PINGs): a stuck or overloaded process.
+fn stuck_replica() -> std::net::SocketAddr {
+    use strait_proto::v1::resources_server::{Resources, ResourcesServer};
+    use strait_proto::v1::*;
+    use tonic::{Request, Response, Status};
+
+    struct Stuck;
+
+    #[tonic::async_trait]
+    impl Resources for Stuck {
+        async fn apply(&self, _: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+            std::future::pending().await
+        }
+        async fn get(&self, _: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+            std::future::pending().await
+        }
+        async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+            std::future::pending().await
+        }
+        async fn delete(
+            &self,
+            _: Request<DeleteRequest>,
+        ) -> Result<Response<DeleteResponse>, Status> {
+            std::future::pending().await
+        }
+        type WatchStream = futures::stream::Pending<Result<WatchResponse, Status>>;
+        async fn watch(
+            &self,
+            _: Request<WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            std::future::pending().await
+        }
+    }
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            tonic::transport::Server::builder()
+                .add_service(ResourcesServer::new(Stuck))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .expect("serve");
+        });
+    });
+    addr
+}
+
+/// A replica stuck in its handlers: `--request-timeout` bounds each call;
+/// a read then moves to the next replica, and a write fails saying no
+/// answer came and that it may or may not have been applied.
+#[test]
+fn a_replica_stuck_in_its_handlers_is_given_up_after_the_request_timeout() {
+    let stuck = stuck_replica().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Control::start(dir.path(), &[]);
+    ok(c.cli_stdin(&["apply", "-f", "-"], &svc("a", "  ports:\n  - port: 80\n")));
+    let both = format!("{stuck},{}", c.addr);
+    let got = ok(cli(
+        &both,
+        &["--request-timeout", "1s", "get", "svc", "a", "-o", "json"],
+        None,
+    ));
+    assert!(got.contains("\"name\": \"a\""), "{got}");
+    let err = fails(cli(
+        &stuck,
+        &["--request-timeout", "1s", "apply", "-f", "-"],
+        Some(&svc("b", "  ports:\n  - port: 80\n")),
+    ));
+    assert!(
+        err.contains("gave no answer within --request-timeout")
+            && err.contains("may or may not have been applied"),
+        "{err}"
+    );
+}
+
 mod dev;
 mod lifecycle;
 mod watch;
