@@ -123,30 +123,24 @@ impl Client {
         Self::new(servers, self.tls.clone(), self.request_timeout)
     }
 
-    async fn channel(&self) -> anyhow::Result<Channel> {
-        let transport = self.tls.cli_transport()?;
-        let mut last = None;
-        for s in &self.servers {
-            match connect(&transport, s, self.request_timeout).await {
-                Ok(ch) => return Ok(ch),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(unreachable(last))
-    }
-
     /// A run of Resources calls that moves between replicas; see [`Session`].
     pub fn session(&self) -> anyhow::Result<Session<'_>> {
+        self.session_of(resources_client)
+    }
+
+    /// The same for Cluster calls.
+    pub fn cluster_session(&self) -> anyhow::Result<Session<'_, ClusterClient<Channel>>> {
+        self.session_of(ClusterClient::new)
+    }
+
+    fn session_of<C>(&self, make: fn(Channel) -> C) -> anyhow::Result<Session<'_, C>> {
         Ok(Session {
             client: self,
             transport: self.tls.cli_transport()?,
+            make,
             current: None,
             start: 0,
         })
-    }
-
-    pub async fn cluster(&self) -> anyhow::Result<ClusterClient<Channel>> {
-        Ok(ClusterClient::new(self.channel().await?))
     }
 }
 
@@ -190,15 +184,17 @@ fn resources_client(ch: Channel) -> ResourcesClient<Channel> {
 /// plane's answer for what it did not do: no leader, cut off from the
 /// leader, shutting down. A connection that broke after a call went out is
 /// a reason to move on only for a read; a write may have been applied.
-pub struct Session<'a> {
+pub struct Session<'a, C = ResourcesClient<Channel>> {
     client: &'a Client,
     transport: Transport,
-    current: Option<(usize, ResourcesClient<Channel>)>,
+    /// The gRPC client for a new connection.
+    make: fn(Channel) -> C,
+    current: Option<(usize, C)>,
     /// Where the next call starts when no replica is current.
     start: usize,
 }
 
-impl Session<'_> {
+impl<C: Clone> Session<'_, C> {
     /// Sends the next call to the replica after the current one, for a
     /// failure the call itself did not see: a watch stream that broke or
     /// went silent after it was opened.
@@ -211,37 +207,17 @@ impl Session<'_> {
     /// A call that changes nothing, so may be sent again anywhere.
     pub async fn read<T, F, Fut>(&mut self, call: F) -> anyhow::Result<Result<T, tonic::Status>>
     where
-        F: FnMut(ResourcesClient<Channel>) -> Fut,
+        F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call(true, call).await
-    }
-
-    /// `Resources.Get`; a replica's refusal is the operator's error.
-    pub async fn get(&mut self, req: GetRequest) -> anyhow::Result<GetResponse> {
-        self.read(|mut rpc| {
-            let req = req.clone();
-            async move { rpc.get(req).await }
-        })
-        .await?
-        .map_err(server_error)
-    }
-
-    /// `Resources.List`; a replica's refusal is the operator's error.
-    pub async fn list(&mut self, req: ListRequest) -> anyhow::Result<ListResponse> {
-        self.read(|mut rpc| {
-            let req = req.clone();
-            async move { rpc.list(req).await }
-        })
-        .await?
-        .map_err(server_error)
     }
 
     /// A call that changes state: sent again only where it surely was not
     /// carried out.
     pub async fn write<T, F, Fut>(&mut self, call: F) -> anyhow::Result<Result<T, tonic::Status>>
     where
-        F: FnMut(ResourcesClient<Channel>) -> Fut,
+        F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call(false, call).await
@@ -255,7 +231,7 @@ impl Session<'_> {
         mut call: F,
     ) -> anyhow::Result<Result<T, tonic::Status>>
     where
-        F: FnMut(ResourcesClient<Channel>) -> Fut,
+        F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let servers = &self.client.servers;
@@ -268,7 +244,7 @@ impl Session<'_> {
                 _ => match connect(&self.transport, &servers[i], self.client.request_timeout).await
                 {
                     Ok(ch) => {
-                        let rpc = resources_client(ch);
+                        let rpc = (self.make)(ch);
                         self.current = Some((i, rpc.clone()));
                         rpc
                     }
@@ -291,6 +267,28 @@ impl Session<'_> {
             Some(status) => Ok(Err(status)),
             None => Err(unreachable(unreached)),
         }
+    }
+}
+
+impl Session<'_> {
+    /// `Resources.Get`; a replica's refusal is the operator's error.
+    pub async fn get(&mut self, req: GetRequest) -> anyhow::Result<GetResponse> {
+        self.read(|mut rpc| {
+            let req = req.clone();
+            async move { rpc.get(req).await }
+        })
+        .await?
+        .map_err(server_error)
+    }
+
+    /// `Resources.List`; a replica's refusal is the operator's error.
+    pub async fn list(&mut self, req: ListRequest) -> anyhow::Result<ListResponse> {
+        self.read(|mut rpc| {
+            let req = req.clone();
+            async move { rpc.list(req).await }
+        })
+        .await?
+        .map_err(server_error)
     }
 }
 

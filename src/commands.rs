@@ -261,23 +261,22 @@ impl Get<'_> {
 /// What the contacted replica heard from node agents; empty (columns
 /// `<none>`) when it cannot say, e.g. a replica without the RPC.
 pub(crate) async fn node_progress(client: &Client) -> output::NodeProgress {
-    let resp = match client.cluster().await {
-        Ok(mut rpc) => rpc.node_status(NodeStatusRequest {}).await,
-        Err(_) => return output::NodeProgress::default(),
+    let Ok(mut session) = client.cluster_session() else {
+        return output::NodeProgress::default();
     };
-    match resp {
-        Ok(r) => {
-            let r = r.into_inner();
-            output::NodeProgress {
-                applied: r
-                    .nodes
-                    .into_iter()
-                    .map(|n| (n.node_name, n.applied_revision))
-                    .collect(),
-                revision: r.revision,
-            }
-        }
-        Err(_) => output::NodeProgress::default(),
+    match session
+        .read(|mut rpc| async move { rpc.node_status(NodeStatusRequest {}).await })
+        .await
+    {
+        Ok(Ok(r)) => output::NodeProgress {
+            applied: r
+                .nodes
+                .into_iter()
+                .map(|n| (n.node_name, n.applied_revision))
+                .collect(),
+            revision: r.revision,
+        },
+        _ => output::NodeProgress::default(),
     }
 }
 
@@ -391,15 +390,16 @@ pub async fn delete(
     Ok(())
 }
 
+/// `cluster …`: the status from whichever replica answers, moving on as
+/// reads do; membership changes as writes.
 pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()> {
-    let mut rpc = client.cluster().await?;
+    let mut session = client.cluster_session()?;
     match cmd {
         ClusterCommand::Status => {
-            let s = rpc
-                .status(ClusterStatusRequest {})
-                .await
-                .map_err(server_error)?
-                .into_inner();
+            let s = session
+                .read(|mut rpc| async move { rpc.status(ClusterStatusRequest {}).await })
+                .await?
+                .map_err(server_error)?;
             println!("leader: {}   revision: {}", s.leader_id, s.revision);
             println!(
                 "{:<4} {:<22} {:<11} {:<6} {:>9} {:>9}  VOTER",
@@ -407,14 +407,14 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
             );
             for m in s.members {
                 // Each member reports its own term, log and applied index.
-                let own = client.with_servers(vec![m.address.clone()]).cluster().await;
-                let own = match own {
-                    Ok(mut c) => c.status(ClusterStatusRequest {}).await.ok().and_then(|r| {
-                        r.into_inner()
-                            .members
-                            .into_iter()
-                            .find(|x| x.id == m.id && x.term > 0)
-                    }),
+                let member = client.with_servers(vec![m.address.clone()]);
+                let own = match member.cluster_session() {
+                    Ok(mut one) => one
+                        .read(|mut rpc| async move { rpc.status(ClusterStatusRequest {}).await })
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .and_then(|r| r.members.into_iter().find(|x| x.id == m.id && x.term > 0)),
                     Err(_) => None,
                 };
                 match own {
@@ -430,19 +430,20 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand) -> anyhow::Result<()>
             }
         }
         ClusterCommand::AddMember { id, address } => {
-            let r = rpc
-                .add_member(AddMemberRequest { id, address })
-                .await
-                .map_err(server_error)?
-                .into_inner();
+            let r = session
+                .write(|mut rpc| {
+                    let address = address.clone();
+                    async move { rpc.add_member(AddMemberRequest { id, address }).await }
+                })
+                .await?
+                .map_err(server_error)?;
             println!("member {id} added; voters: {:?}", r.voters);
         }
         ClusterCommand::RemoveMember { id } => {
-            let r = rpc
-                .remove_member(RemoveMemberRequest { id })
-                .await
-                .map_err(server_error)?
-                .into_inner();
+            let r = session
+                .write(|mut rpc| async move { rpc.remove_member(RemoveMemberRequest { id }).await })
+                .await?
+                .map_err(server_error)?;
             println!("member {id} removed; voters: {:?}", r.voters);
         }
     }

@@ -69,6 +69,26 @@ async fn sigstop_the_leader_then_resume_it() {
     );
     let fence: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(fence["metadata"]["annotations"]["v"], "2", "{fence}");
+    // `cluster status` too: answered by the next replica, which leads now,
+    // with the stopped one shown unreachable.
+    let out = cli_with_servers(
+        &[c.replicas[&old].real, c.replicas[&new].real],
+        &["cluster", "status"],
+    )
+    .await;
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cluster status with the stopped replica first: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status.starts_with(&format!("leader: {new} ")), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with(&format!("{old} ")) && l.contains("unreachable")),
+        "{status}"
+    );
 
     c.replicas[&old].signal(libc::SIGCONT);
     // Straight after waking it still believes it leads: a linearizable
