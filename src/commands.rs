@@ -321,6 +321,11 @@ pub async fn describe(
                 .collect();
             print!("{}", output::describe_service(&o, s, &slices));
         }
+        Some(object::Kind::Pod(p)) => print!("{}", output::describe_pod(&o, p)),
+        Some(object::Kind::Node(n)) => {
+            let progress = node_progress(client).await;
+            print!("{}", output::describe_node(&o, n, &progress));
+        }
         _ => print!("{}", output::to_yaml(&output::manifest(&o))?),
     }
     Ok(())

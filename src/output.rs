@@ -349,6 +349,173 @@ pub fn line(cells: &[String], widths: &[usize]) -> String {
     out
 }
 
+/// `describe` text for a Pod, in kubectl's layout.
+pub fn describe_pod(o: &Object, p: &Pod) -> String {
+    let meta = p.metadata.clone().unwrap_or_default();
+    let spec = p.spec.clone().unwrap_or_default();
+    let status = p.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<27}{}\n", format!("{k}:"), v));
+    line("Name", meta.name.clone());
+    line("Namespace", meta.namespace.clone());
+    let node = match (spec.node_name.as_str(), status.host_ip.as_str()) {
+        ("", _) => "<none>".to_string(),
+        (n, "") => n.to_string(),
+        (n, ip) => format!("{n}/{ip}"),
+    };
+    line("Node", node);
+    line("Labels", or_none(pairs(&meta.labels)));
+    line("Annotations", or_none(pairs(&meta.annotations)));
+    line(
+        "Status",
+        if meta.deletion_timestamp.is_empty() {
+            or_none(status.phase.clone())
+        } else {
+            format!("Terminating (since {})", meta.deletion_timestamp)
+        },
+    );
+    line("IP", or_none(status.pod_ip.clone()));
+    if let Some(grace) = spec.termination_grace_period_seconds {
+        line("Termination Grace Period", format!("{grace}s"));
+    }
+    out.push_str("Containers:\n");
+    for c in &spec.containers {
+        out.push_str(&format!("  {}:\n", c.name));
+        if !c.image.is_empty() {
+            out.push_str(&format!("    Image:      {}\n", c.image));
+        }
+        for port in &c.ports {
+            let protocol = if port.protocol.is_empty() {
+                "TCP"
+            } else {
+                port.protocol.as_str()
+            };
+            let name = if port.name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", port.name)
+            };
+            out.push_str(&format!(
+                "    Port:       {}/{protocol}{name}\n",
+                port.container_port
+            ));
+        }
+        if let Some(probe) = &c.readiness_probe {
+            out.push_str(&format!("    Readiness:  {}\n", probe_text(probe)));
+        }
+    }
+    out.push_str(&conditions(&status.conditions));
+    out.push_str(&format!(
+        "{:<27}{}\n",
+        "Resource Version:", meta.resource_version
+    ));
+    out.push_str(&format!("{:<27}{} ago\n", "Created:", age(created(o))));
+    out
+}
+
+/// `describe` text for a Node, in kubectl's layout, with the revision its
+/// agent last reported programmed.
+pub fn describe_node(o: &Object, n: &Node, progress: &NodeProgress) -> String {
+    let meta = n.metadata.clone().unwrap_or_default();
+    let status = n.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<25}{}\n", format!("{k}:"), v));
+    line("Name", meta.name.clone());
+    line("Labels", or_none(pairs(&meta.labels)));
+    line("Annotations", or_none(pairs(&meta.annotations)));
+    let applied = progress.applied.get(&meta.name).copied().filter(|r| *r > 0);
+    line(
+        "Applied Revision",
+        applied.map_or_else(
+            || "<none>".into(),
+            |r| format!("{r} (lag {})", progress.revision.saturating_sub(r)),
+        ),
+    );
+    out.push_str(&conditions(&status.conditions));
+    out.push_str("Addresses:\n");
+    for a in &status.addresses {
+        out.push_str(&format!("  {}:  {}\n", a.r#type, a.address));
+    }
+    out.push_str(&format!(
+        "{:<25}{}\n",
+        "Resource Version:", meta.resource_version
+    ));
+    out.push_str(&format!("{:<25}{} ago\n", "Created:", age(created(o))));
+    out
+}
+
+/// `k=v` pairs, comma-separated.
+fn pairs(map: &std::collections::BTreeMap<String, String>) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// kubectl's probe summary: `tcp-socket :8080 delay=0s timeout=1s
+/// period=10s #success=1 #failure=3`, with Kubernetes' defaults for unset
+/// fields.
+fn probe_text(p: &strait_proto::v1::Probe) -> String {
+    let port = |v: Option<&strait_proto::v1::IntOrString>| match v.and_then(|t| t.value.as_ref()) {
+        Some(int_or_string::Value::IntVal(v)) => v.to_string(),
+        Some(int_or_string::Value::StrVal(v)) => v.clone(),
+        None => String::new(),
+    };
+    let action = if let Some(t) = &p.tcp_socket {
+        format!("tcp-socket :{}", port(t.port.as_ref()))
+    } else if let Some(h) = &p.http_get {
+        let scheme = if h.scheme.is_empty() {
+            "http".to_string()
+        } else {
+            h.scheme.to_lowercase()
+        };
+        format!(
+            "http-get {scheme}://{}:{}{}",
+            h.host,
+            port(h.port.as_ref()),
+            h.path
+        )
+    } else if let Some(e) = &p.exec {
+        format!("exec [{}]", e.command.join(" "))
+    } else {
+        "<none>".into()
+    };
+    let or = |v: i32, default: i32| if v > 0 { v } else { default };
+    format!(
+        "{action} delay={}s timeout={}s period={}s #success={} #failure={}",
+        p.initial_delay_seconds.max(0),
+        or(p.timeout_seconds, 1),
+        or(p.period_seconds, 10),
+        or(p.success_threshold, 1),
+        or(p.failure_threshold, 3)
+    )
+}
+
+/// The Conditions block: one row per condition.
+fn conditions(conds: &[strait_proto::v1::Condition]) -> String {
+    let mut rows = vec![
+        ["Type", "Status", "LastTransitionTime", "Reason", "Message"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    rows.extend(conds.iter().map(|c| {
+        vec![
+            c.r#type.clone(),
+            c.status.clone(),
+            c.last_transition_time.clone(),
+            c.reason.clone(),
+            c.message.clone(),
+        ]
+    }));
+    let widths = widths(&rows, &[]);
+    let mut out = "Conditions:\n".to_string();
+    for r in &rows {
+        out.push_str("  ");
+        out.push_str(&line(r, &widths));
+    }
+    out
+}
+
 /// `describe` text for a Service, with its endpoints from `slices`.
 pub fn describe_service(o: &Object, s: &Service, slices: &[Object]) -> String {
     let meta = s.metadata.clone().unwrap_or_default();

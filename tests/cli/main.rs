@@ -478,6 +478,41 @@ fn endpoint_slices_follow_pods_with_named_ports_and_readiness() {
     assert!(endpoints(&c).is_empty());
 }
 
+/// `describe pod` and `describe node` in kubectl's layout: the Pod's node,
+/// labels, IP, containers with their ports and readiness probe, and
+/// conditions; the Node's labels, conditions and addresses.
+#[test]
+fn describe_shows_pods_and_nodes_like_kubectl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Control::start(dir.path(), &[]);
+    ok(c.cli_stdin(&["apply", "-f", "-"], NODES_AND_PODS));
+    ok(c.cli_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: probed, labels: {app: web}}\nspec:\n  nodeName: node-1\n  containers:\n  - name: c\n    image: demo\n    ports: [{name: http, containerPort: 8080}]\n    readinessProbe:\n      httpGet: {path: /healthz, port: http}\n      periodSeconds: 1\n      failureThreshold: 2\nstatus: {podIP: 10.1.0.7}\n",
+    ));
+    let pod = ok(c.cli(&["describe", "pod", "probed"]));
+    for want in [
+        "Name:                      probed\n",
+        "Namespace:                 default\n",
+        "Node:                      node-1\n",
+        "Labels:                    app=web\n",
+        "IP:                        10.1.0.7\n",
+        "Containers:\n  c:\n    Image:      demo\n    Port:       8080/TCP (http)\n",
+        "    Readiness:  http-get http://:http/healthz delay=0s timeout=1s period=1s #success=1 #failure=2\n",
+        "Conditions:\n  Type    Status",
+    ] {
+        assert!(pod.contains(want), "missing {want:?} in\n{pod}");
+    }
+    let node = ok(c.cli(&["describe", "node", "node-1"]));
+    for want in [
+        "Name:                    node-1\n",
+        "Labels:                  topology.kubernetes.io/zone=z1\n",
+        "Addresses:\n  InternalIP:  10.0.0.1\n",
+    ] {
+        assert!(node.contains(want), "missing {want:?} in\n{node}");
+    }
+}
+
 #[test]
 fn selectorless_services_take_operator_written_slices() {
     let dir = tempfile::tempdir().expect("tempdir");
