@@ -1,7 +1,7 @@
 //! `strait get -w`: the objects of a kind, then every change to them as the
 //! control plane commits it, following the control plane from replica to
 //! replica the way a node agent does: a watch that breaks or goes silent
-//! resumes on the next replica from the last revision shown, so no change
+//! resumes on the next replica from the last revision received, so no change
 //! is skipped or shown twice; one too old to resume re-lists and shows the
 //! difference.
 
