@@ -202,8 +202,15 @@ impl Drop for Watch<'_> {
     }
 }
 
-/// Milliseconds since `fd` last sent or received data, from `TCP_INFO`;
-/// 0 when the kernel can't say (so the connection is kept).
+/// The coarsest Linux clock tick (HZ=100), in milliseconds. `TCP_INFO`
+/// counts idle time in ticks, so its figure can run up to one tick ahead of
+/// the real idle time.
+const KERNEL_TICK_MS: u32 = 10;
+
+/// Milliseconds since `fd` surely last sent or received data: `TCP_INFO`'s
+/// figure less one clock tick, so a connection is never closed before its
+/// idle timeout (a few milliseconds after it at most); 0 when the kernel
+/// can't say (so the connection is kept).
 fn idle_for_ms(fd: RawFd) -> u32 {
     // SAFETY: all-zero bytes are a valid `tcp_info` (plain integers).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -224,7 +231,9 @@ fn idle_for_ms(fd: RawFd) -> u32 {
     if rc != 0 {
         return 0;
     }
-    info.tcpi_last_data_recv.min(info.tcpi_last_data_sent)
+    info.tcpi_last_data_recv
+        .min(info.tcpi_last_data_sent)
+        .saturating_sub(KERNEL_TICK_MS)
 }
 
 /// `shutdown(fd, SHUT_RDWR)` on both sockets of a connection; errors (the
