@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use futures::Stream;
 use openraft::async_runtime::WatchReceiver;
+
+use crate::raft::Leader;
 use openraft::error::ClientWriteError;
 use prost::Message;
 use strait_proto::Kind;
@@ -136,34 +138,25 @@ impl Writer {
         let span = tracing::Span::current();
         let deadline = tokio::time::Instant::now() + WRITE_DEADLINE;
         loop {
-            // Who leads and where, read in place: cloning the whole
-            // metrics (membership, replication map) per write is not free.
-            let (id, leader, leader_addr) = {
-                let rx = self.raft.metrics();
-                let m = rx.borrow_watched();
-                let addr = m.current_leader.filter(|&l| l != m.id).and_then(|l| {
-                    m.membership_config
-                        .membership()
-                        .get_node(&l)
-                        .map(|n| n.addr.clone())
-                });
-                (m.id, m.current_leader, addr)
-            };
-            if let Some(leader) = leader {
-                span.record("strait.leader", leader);
-                span.record("strait.forwarded", leader != id);
-            }
-            let resp = match leader {
-                Some(leader) if leader == id => self.write_local(cmd.clone(), deadline).await,
-                Some(_) => match leader_addr {
-                    Some(addr) => self
-                        .peers
-                        .forward_write(&addr, &cmd)
-                        .await
-                        .map_err(forward_failure),
-                    None => Err(Status::unavailable("leader address unknown")),
-                },
-                None => Err(Status::unavailable("no leader elected yet")),
+            let resp = match crate::raft::leader(&self.raft) {
+                Leader::Me { id } => {
+                    span.record("strait.leader", id);
+                    span.record("strait.forwarded", false);
+                    self.write_local(cmd.clone(), deadline).await
+                }
+                Leader::Other { id, addr } => {
+                    span.record("strait.leader", id);
+                    span.record("strait.forwarded", true);
+                    match addr {
+                        Some(addr) => self
+                            .peers
+                            .forward_write(&addr, &cmd)
+                            .await
+                            .map_err(forward_failure),
+                        None => Err(Status::unavailable("leader address unknown")),
+                    }
+                }
+                Leader::Unknown => Err(Status::unavailable("no leader elected yet")),
             };
             match resp {
                 Ok(r) => return r.0.map_err(status),
@@ -289,20 +282,11 @@ impl ResourcesApi {
         if consistency == Consistency::Serializable as i32 {
             return Ok(());
         }
-        let (me, leader, leader_addr) = {
-            let m = self.raft.metrics().borrow_watched().clone();
-            let addr = m.current_leader.and_then(|l| {
-                m.membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone())
-            });
-            (m.id, m.current_leader, addr)
-        };
+        let leader = crate::raft::leader(&self.raft);
         let unavailable = |e: &dyn std::fmt::Display| {
             Status::unavailable(format!("linearizable read failed: {e}"))
         };
-        if leader == Some(me) {
+        if let Leader::Me { .. } = leader {
             if let Some(silent) = leader_cut_off(&self.raft) {
                 return Err(unavailable(&format_args!(
                     "this replica leads but has not heard from a quorum for {silent:?}"
@@ -321,7 +305,12 @@ impl ResourcesApi {
         }
         // A follower asks the leader for the commit index to catch up to
         // (the read-index protocol), then serves from its own state.
-        let addr = leader_addr.ok_or_else(|| unavailable(&"no leader known"))?;
+        let Leader::Other {
+            addr: Some(addr), ..
+        } = leader
+        else {
+            return Err(unavailable(&"no leader known"));
+        };
         let index = self
             .writer
             .peers
@@ -881,19 +870,17 @@ impl ClusterApi {
         Option<strait_proto::v1::cluster_client::ClusterClient<tonic::transport::Channel>>,
         Status,
     > {
-        let addr = {
-            let rx = self.raft.metrics();
-            let m = rx.borrow_watched();
-            match m.current_leader {
-                Some(l) if l == m.id => return Ok(None),
-                Some(l) => m
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone())
-                    .ok_or_else(|| Status::unavailable(format!("leader {l}'s address unknown")))?,
-                None => return Err(Status::unavailable("no leader elected yet")),
+        let addr = match crate::raft::leader(&self.raft) {
+            Leader::Me { .. } => return Ok(None),
+            Leader::Other {
+                addr: Some(addr), ..
+            } => addr,
+            Leader::Other { id, addr: None } => {
+                return Err(Status::unavailable(format!(
+                    "leader {id}'s address unknown"
+                )));
             }
+            Leader::Unknown => return Err(Status::unavailable("no leader elected yet")),
         };
         if req.metadata().contains_key(FORWARDED) {
             return Err(Status::unavailable(format!(

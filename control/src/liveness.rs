@@ -235,19 +235,15 @@ async fn relay(raft: &Raft, peers: &Peers, heartbeats: &Heartbeats) {
         // Taken on the leader too, where they need no relay, so the map
         // does not grow.
         let heard = heartbeats.take_unrelayed();
-        let leader = {
-            let rx = raft.metrics();
-            let m = rx.borrow_watched();
-            m.current_leader.filter(|&l| l != m.id).and_then(|l| {
-                m.membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone())
-            })
-        };
-        let Some(leader) = leader.filter(|_| !heard.is_empty()) else {
+        let crate::raft::Leader::Other {
+            addr: Some(leader), ..
+        } = crate::raft::leader(raft)
+        else {
             continue;
         };
+        if heard.is_empty() {
+            continue;
+        }
         if let Err(e) = peers.relay_heartbeats(&leader, &heard).await {
             tracing::debug!(leader = %leader, error = %e, "heartbeat relay not delivered");
         }

@@ -50,6 +50,36 @@ pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+
+/// Who leads, as this replica's Raft metrics say now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leader {
+    /// No leader is known (an election is on, or this replica is cut off).
+    Unknown,
+    /// This replica (`id`) leads.
+    Me { id: u64 },
+    /// Another replica leads; its address, when the membership has it.
+    Other { id: u64, addr: Option<String> },
+}
+
+/// Reads the metrics in place: cloning them (membership, replication map)
+/// per call is not free on the write path.
+pub fn leader(raft: &Raft) -> Leader {
+    let rx = raft.metrics();
+    let m = openraft::async_runtime::WatchReceiver::borrow_watched(&rx);
+    match m.current_leader {
+        None => Leader::Unknown,
+        Some(id) if id == m.id => Leader::Me { id },
+        Some(id) => Leader::Other {
+            id,
+            addr: m
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone()),
+        },
+    }
+}
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
 
 /// What a snapshot file holds besides the state bytes.
